@@ -1,0 +1,34 @@
+"""spectral-plugins: watch the spectral lifecycle of transformer weights inside your experiment tracker.
+
+The core (this package's top level) never imports a tracker; each adapter lives in its own module
+(``spectral_plugins.lightning``, ``.tensorboard``, ``.wandb``, ``.mlflow``) and imports its library
+lazily.
+"""
+
+from .engine import SpectralEngine, analyze
+from .keys import layer_key, lifecycle_key, matrix_key
+from .metrics import METRICS, MetricSpec, PowerLawFit, fit_alpha
+from .model_map import MatrixRef, ModelMap, map_model, map_state_dict
+from .roles import ROLES
+from .snapshot import LayerSpectrum, Snapshot
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "METRICS",
+    "ROLES",
+    "LayerSpectrum",
+    "MatrixRef",
+    "MetricSpec",
+    "ModelMap",
+    "PowerLawFit",
+    "Snapshot",
+    "SpectralEngine",
+    "analyze",
+    "fit_alpha",
+    "layer_key",
+    "lifecycle_key",
+    "map_model",
+    "map_state_dict",
+    "matrix_key",
+]
