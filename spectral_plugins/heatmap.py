@@ -1,0 +1,118 @@
+"""Depth x role grids of one metric, and their rendering to an RGB image for image panels."""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .roles import ROLES
+from .snapshot import Snapshot
+
+# Column order of the grids: attention first, then MLP (roles absent from a model are dropped).
+BLOCK_ROLES: tuple[str, ...] = tuple(r for r in ROLES if r not in ("embed", "pos_embed", "lm_head"))
+
+
+@dataclass(frozen=True)
+class Heatmap:
+    """``values[d, r]`` is ``metric`` of the matrix at depth ``depths[d]`` with role ``roles[r]``
+    (NaN where the model has no such matrix; the mean where several share a cell)."""
+
+    metric: str
+    step: int | None
+    depths: tuple[int, ...]
+    roles: tuple[str, ...]
+    values: np.ndarray
+
+    def to_rgb(self, cell: int = 24) -> np.ndarray:
+        """An (H, W, 3) uint8 image, depth down, role across; matplotlib-rendered with axis labels
+        when matplotlib is installed, else plain colour cells."""
+        try:
+            return _render_matplotlib(self)
+        except ImportError:
+            return _render_cells(self, cell)
+
+    def to_png(self) -> bytes:
+        """The image as PNG bytes."""
+        return encode_png(self.to_rgb())
+
+
+def heatmaps(snapshot: Snapshot, metrics: tuple[str, ...] | list[str]) -> list[Heatmap]:
+    """One :class:`Heatmap` per metric over the snapshot's block matrices."""
+    block_layers = [layer for layer in snapshot.layers if layer.depth is not None]
+    if not block_layers:
+        return []
+    depths = tuple(sorted({layer.depth for layer in block_layers}))
+    roles = tuple(r for r in BLOCK_ROLES if any(layer.role == r for layer in block_layers))
+    row = {d: i for i, d in enumerate(depths)}
+    col = {r: j for j, r in enumerate(roles)}
+    result = []
+    for metric in metrics:
+        total = np.zeros((len(depths), len(roles)))
+        count = np.zeros_like(total)
+        for layer in block_layers:
+            value = layer.metric(metric)
+            if math.isfinite(value):
+                total[row[layer.depth], col[layer.role]] += value
+                count[row[layer.depth], col[layer.role]] += 1
+        with np.errstate(invalid="ignore"):
+            values = np.where(count > 0, total / np.maximum(count, 1), np.nan)
+        result.append(Heatmap(metric, snapshot.step, depths, roles, values))
+    return result
+
+
+def _render_matplotlib(heatmap: Heatmap) -> np.ndarray:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    height = max(2.5, 0.3 * len(heatmap.depths) + 1.2)
+    figure = Figure(figsize=(1.0 + 0.7 * len(heatmap.roles), height), dpi=100)
+    axes = figure.add_subplot()
+    image = axes.imshow(np.ma.masked_invalid(heatmap.values), aspect="auto", cmap="viridis")
+    axes.set_xticks(range(len(heatmap.roles)), heatmap.roles, rotation=45, ha="right", fontsize=8)
+    axes.set_yticks(range(len(heatmap.depths)), [str(d) for d in heatmap.depths], fontsize=8)
+    axes.set_ylabel("depth")
+    step = "" if heatmap.step is None else f" @ step {heatmap.step}"
+    axes.set_title(f"{heatmap.metric}{step}", fontsize=9)
+    figure.colorbar(image, ax=axes)
+    figure.tight_layout()
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def _render_cells(heatmap: Heatmap, cell: int) -> np.ndarray:
+    values = heatmap.values
+    finite = np.isfinite(values)
+    low, high = (values[finite].min(), values[finite].max()) if finite.any() else (0.0, 1.0)
+    scaled = np.where(finite, (values - low) / (high - low if high > low else 1.0), 0.0)
+    # A two-stop blue -> yellow ramp; missing cells grey.
+    rgb = np.stack([scaled * 253 + 68 * (1 - scaled), scaled * 231 + 1 * (1 - scaled),
+                    37 * scaled + 84 * (1 - scaled)], axis=-1)
+    rgb[~finite] = 128
+    return np.kron(rgb, np.ones((cell, cell, 1))).astype(np.uint8)
+
+
+def encode_png(rgb: np.ndarray) -> bytes:
+    """PNG bytes of an (H, W, 3) uint8 array (Pillow when present, else a minimal encoder)."""
+    try:
+        from PIL import Image
+
+        buffer = io.BytesIO()
+        Image.fromarray(rgb).save(buffer, format="PNG")
+        return buffer.getvalue()
+    except ImportError:
+        import struct
+        import zlib
+
+        height, width, _ = rgb.shape
+        raw = b"".join(b"\x00" + rgb[y].tobytes() for y in range(height))
+
+        def chunk(kind: bytes, data: bytes) -> bytes:
+            return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+        header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+        return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + \
+            chunk(b"IEND", b"")
