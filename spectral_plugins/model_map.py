@@ -298,6 +298,7 @@ def _build_map(sources, model_type, heads, include, exclude, roles, module_heads
         drafts.extend(_split(source, depth, guess, found_heads))
     _apply_role_overrides(drafts, roles)
     _assign_keys(drafts)
+    drafts.sort(key=_canonical_order)
     matrices = tuple(MatrixRef(**d) for d in drafts if _selected(d, include, exclude))
     if not matrices:
         raise ValueError(f"include={include!r} / exclude={exclude!r} left no matrix; names look like "
@@ -344,6 +345,15 @@ def _split(source: _Source, depth: int | None, guess: RoleGuess, heads: _Heads) 
         drafts.append(dict(base, name=f"{source.path}[{role_name}]", role=role_name, shape=(n_rows, cols),
                            num_heads=num, head_dim=head_dim, _rows=rows))
     return drafts
+
+
+def _canonical_order(draft: dict[str, Any]) -> tuple[int, int, int]:
+    """Embeddings first, then blocks by depth and role (q, k, v, o, mlp...), then the rest
+    (a stable sort keeps model order inside each group)."""
+    role_rank = ROLES.index(draft["role"])
+    if draft["depth"] is not None:
+        return (1, draft["depth"], role_rank)
+    return (0 if draft["role"] in ("embed", "pos_embed") else 2, 0, role_rank)
 
 
 def _apply_role_overrides(drafts: list[dict[str, Any]], roles: Mapping[str, str] | None) -> None:

@@ -1,0 +1,102 @@
+"""The ``spectral-plugins`` command line: each subcommand lives with its concept and registers here."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .engine import METHODS, SpectralEngine
+from .snapshot import Snapshot
+
+# (module, function) pairs that add a subcommand; a module whose extra is missing is skipped.
+_SUBCOMMANDS = (
+    ("spectral_plugins.demo.cli", "add_demo_parser"),
+    ("spectral_plugins.compare", "add_compare_parser"),
+    ("spectral_plugins.report", "add_report_parser"),
+)
+
+_TABLE_COLUMNS = (("key", 28), ("role", 9), ("shape", 12), ("alpha", 7), ("stable_rank", 11),
+                  ("effective_rank", 14), ("spectral_norm", 13), ("n_tail", 6))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="spectral-plugins", description=__doc__)
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    analyze = subparsers.add_parser("analyze", help="spectra and metrics of a checkpoint or HF model dir")
+    analyze.add_argument("path", help="a .pt/.pth/.bin/.ckpt state dict, a .safetensors file, or a "
+                                      "Hugging Face model directory (config.json + weights)")
+    analyze.add_argument("--json", dest="json_out", help="write the snapshot as JSON to this file")
+    analyze.add_argument("--method", choices=METHODS, default="auto", help="gram (default) or svd (float64)")
+    analyze.add_argument("--dtype", choices=("float32", "float64"), default=None)
+    analyze.add_argument("--include", action="append", help="glob on matrix names/keys to keep")
+    analyze.add_argument("--exclude", action="append", help="glob on matrix names/keys to drop")
+    analyze.set_defaults(handler=_run_analyze)
+    for module_name, function in _SUBCOMMANDS:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        getattr(module, function)(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.handler(args) or 0)
+
+
+def _run_analyze(args: argparse.Namespace) -> int:
+    from .checkpoints import load_model_map
+
+    model_map = load_model_map(args.path, include=args.include, exclude=args.exclude)
+    engine = SpectralEngine(method=args.method, dtype=args.dtype)
+    snapshot = engine.analyze(model_map, progress=_progress_bar(len(model_map)))
+    print(format_table(snapshot))
+    if args.json_out:
+        Path(args.json_out).write_text(snapshot.to_json(indent=1))
+        print(f"wrote {args.json_out}")
+    return 0
+
+
+def format_table(snapshot: Snapshot) -> str:
+    """A fixed-width per-layer table of the main metrics."""
+    lines = ["  ".join(name.rjust(width) for name, width in _TABLE_COLUMNS)]
+    for layer in snapshot.layers:
+        cells = []
+        for name, width in _TABLE_COLUMNS:
+            value = "x".join(map(str, layer.shape)) if name == "shape" else getattr(layer, name)
+            if isinstance(value, float):
+                value = _format_number(value)
+            cells.append(str(value)[-width:].rjust(width))
+        lines.append("  ".join(cells))
+    lines.append(f"{len(snapshot)} matrices, method={snapshot.method}, dtype={snapshot.dtype}, "
+                 f"{snapshot.seconds:.2f} s")
+    return "\n".join(lines)
+
+
+def _format_number(value: float) -> str:
+    if not math.isfinite(value):
+        return "nan"
+    return f"{value:.3g}" if abs(value) >= 1e4 else f"{value:.3f}"
+
+
+def _progress_bar(total: int):
+    stream = sys.stderr
+
+    def update(done: int, _total: int) -> None:
+        width = 30
+        filled = int(width * done / max(total, 1))
+        stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} matrices")
+        if done >= total:
+            stream.write("\n")
+        stream.flush()
+
+    return update
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
