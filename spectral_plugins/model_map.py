@@ -169,22 +169,26 @@ def map_state_dict(
     """Like :func:`map_model` for a bare state dict; ``config`` (e.g. a parsed ``config.json``)
     supplies head counts and the model type, which decides how fused projections are laid out."""
     config = dict(config or {})
-    model_type = config.get("model_type")
+    # GPT-2 checkpoints without a config.json are still recognisable by their Conv1D names.
+    gpt2_names = any(k.endswith("attn.c_attn.weight") for k in state_dict)
+    model_type = config.get("model_type") or ("gpt2" if gpt2_names else None)
     sources = []
-    seen: dict[int, int] = {}
+    seen: dict[tuple, int] = {}
     for path, tensor in state_dict.items():
         if not isinstance(tensor, torch.Tensor) or tensor.ndim != 2 or min(tensor.shape) < 2:
             continue
         module_path, _, param_name = path.rpartition(".")
-        if id(tensor) in seen:
-            first = sources[seen[id(tensor)]]
-            sources[seen[id(tensor)]] = _replace_aliases(first, path)
+        # Tied weights come back from torch.load as distinct tensors over one storage.
+        identity = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
+                    tensor.stride())
+        if identity in seen:
+            sources[seen[identity]] = _replace_aliases(sources[seen[identity]], path)
             continue
         kind = "embedding" if looks_like_embedding(module_path) else "linear"
         if model_type == "gpt2" and module_path.rsplit(".", 1)[-1] in {"c_attn", "c_fc", "c_proj"}:
             kind = "conv1d"
         bias = state_dict.get(f"{module_path}.bias") if param_name == "weight" else None
-        seen[id(tensor)] = len(sources)
+        seen[identity] = len(sources)
         sources.append(_Source(module_path, param_name, tensor, kind, bias))
     heads = _config_heads(_Namespace(config))
     return _build_map(sources, model_type, heads, include, exclude, roles, module_heads=lambda path: heads)

@@ -82,7 +82,9 @@ def guess_role(module_path: str, param_name: str, kind: str, depth: int | None) 
     if leaf in _VALUE and not in_mlp:
         return RoleGuess("v")
     parent = parts[-2] if len(parts) > 1 else ""
-    if in_attention and not in_mlp and (leaf in _ATTN_OUT or parent in {"to_out", "output"}):
+    unambiguous_out = leaf in {"o_proj", "out_proj"}  # e.g. a bare nn.MultiheadAttention
+    attention_out = in_attention and (leaf in _ATTN_OUT or parent in {"to_out", "output"})
+    if not in_mlp and (unambiguous_out or attention_out):
         return RoleGuess("o")
     if leaf == "dense" and parent == "intermediate":  # BERT
         return RoleGuess("mlp_in")
