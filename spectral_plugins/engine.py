@@ -123,15 +123,19 @@ class SpectralEngine:
         # Rows = the smaller side, so the Gram matrix is the small one (spectra ignore transposes).
         mats = [ref.weight() for ref in refs]
         mats = [m if m.shape[0] <= m.shape[1] else m.t() for m in mats]
-        stack = torch.stack([m.to(device=device, dtype=dtype) for m in mats])
+        stack = torch.empty((len(mats), *mats[0].shape), device=device, dtype=dtype)
+        for i, m in enumerate(mats):
+            stack[i].copy_(m)  # one conversion copy, straight into the batch
         finite = torch.isfinite(stack).flatten(1).all(dim=1)
-        stack = torch.where(finite[:, None, None], stack, torch.zeros_like(stack))
-        frobenius_sq = stack.square().sum(dim=(-2, -1))
+        if not bool(finite.all()):
+            stack[~finite] = 0.0
         with _exact_matmul(device):
             if self.method == "svd":
+                frobenius_sq = stack.square().sum(dim=(-2, -1))
                 eigenvalues = torch.linalg.svdvals(stack).square().flip(-1)
             else:
                 gram = stack @ stack.transpose(-2, -1)
+                frobenius_sq = gram.diagonal(dim1=-2, dim2=-1).sum(-1)  # trace(W W^T) = ||W||_F^2
                 # CPU LAPACK runs batched eigvalsh matrix by matrix without threading (measured
                 # ~2x slower than this loop on 2 cores); CUDA batches for real.
                 eigenvalues = (torch.stack([torch.linalg.eigvalsh(g) for g in gram]) if device.type == "cpu"

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Quick start, command 2: set up, then run the whole test suite (end-to-end tests included).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+. scripts/setup.sh
+ruff check spectral_plugins tests benchmarks examples
+exec python -m pytest -q "$@"
