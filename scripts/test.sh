@@ -3,5 +3,5 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 . scripts/setup.sh
-ruff check spectral_plugins tests benchmarks examples
+ruff check .
 exec python -m pytest -q "$@"
