@@ -5,6 +5,7 @@ The core (this package's top level) never imports a tracker; each adapter lives 
 lazily.
 """
 
+from .attention import ATTENTION_METRICS, AttentionBounds, HeadBound, LayerBound, attention_bounds
 from .engine import SpectralEngine, analyze
 from .keys import layer_key, lifecycle_key, matrix_key
 from .metrics import METRICS, MetricSpec, PowerLawFit, fit_alpha
@@ -15,6 +16,11 @@ from .snapshot import LayerSpectrum, Snapshot
 __version__ = "0.1.0"
 
 __all__ = [
+    "ATTENTION_METRICS",
+    "AttentionBounds",
+    "HeadBound",
+    "LayerBound",
+    "attention_bounds",
     "METRICS",
     "ROLES",
     "LayerSpectrum",
