@@ -7,15 +7,32 @@ lazily.
 
 from .attention import ATTENTION_METRICS, AttentionBounds, HeadBound, LayerBound, attention_bounds
 from .engine import SpectralEngine, analyze
+from .history import SpectralHistory
+from .importance import BlockImportance, PruningAdvice, advise_pruning, importance_from_history
 from .keys import layer_key, lifecycle_key, matrix_key
+from .lifecycle import LifecycleConfig, LifecycleState, LifecycleSummary, SpectralLifecycle, summarize
 from .metrics import METRICS, MetricSpec, PowerLawFit, fit_alpha
 from .model_map import MatrixRef, ModelMap, map_model, map_state_dict
+from .pruning import PruningEvaluation, evaluate_pruning, skip_blocks
 from .roles import ROLES
 from .snapshot import LayerSpectrum, Snapshot
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BlockImportance",
+    "LifecycleConfig",
+    "LifecycleState",
+    "LifecycleSummary",
+    "PruningAdvice",
+    "PruningEvaluation",
+    "SpectralHistory",
+    "SpectralLifecycle",
+    "advise_pruning",
+    "evaluate_pruning",
+    "importance_from_history",
+    "skip_blocks",
+    "summarize",
     "ATTENTION_METRICS",
     "AttentionBounds",
     "HeadBound",
