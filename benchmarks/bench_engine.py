@@ -140,15 +140,16 @@ def main() -> None:
         print(f"wrote {DOC}")
 
 
-def write_section(path: Path, name: str, body: str) -> None:
-    """Replace (or append) the text between ``<!-- name:start -->`` and ``<!-- name:end -->``."""
+def write_section(path: Path, name: str, body: str, title: str = "Engine (bench_engine.py)") -> None:
+    """Replace the text between ``<!-- name:start -->`` and ``<!-- name:end -->``, or append it
+    under a ``## title`` heading."""
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
     text = path.read_text() if path.exists() else "# Performance\n"
     block = f"{start}\n{body}\n{end}"
     if start in text:
         text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)
     else:
-        text = text.rstrip() + f"\n\n## Engine (bench_engine.py)\n\n{block}\n"
+        text = text.rstrip() + f"\n\n## {title}\n\n{block}\n"
     path.write_text(text)
 
 

@@ -6,6 +6,8 @@ lazily.
 """
 
 from .attention import ATTENTION_METRICS, AttentionBounds, HeadBound, LayerBound, attention_bounds
+from .background import BackgroundSnapshotter, SnapshotterStats
+from .distributed import DistributedAnalyzer, distributed_analyze
 from .engine import SpectralEngine, analyze
 from .history import SpectralHistory
 from .importance import BlockImportance, PruningAdvice, advise_pruning, importance_from_history
@@ -20,6 +22,10 @@ from .snapshot import LayerSpectrum, Snapshot
 __version__ = "0.1.0"
 
 __all__ = [
+    "BackgroundSnapshotter",
+    "DistributedAnalyzer",
+    "SnapshotterStats",
+    "distributed_analyze",
     "BlockImportance",
     "LifecycleConfig",
     "LifecycleState",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -129,17 +130,17 @@ class SpectralEngine:
         finite = torch.isfinite(stack).flatten(1).all(dim=1)
         if not bool(finite.all()):
             stack[~finite] = 0.0
-        with _exact_matmul(device):
-            if self.method == "svd":
-                frobenius_sq = stack.square().sum(dim=(-2, -1))
-                eigenvalues = torch.linalg.svdvals(stack).square().flip(-1)
-            else:
+        if self.method == "svd":
+            frobenius_sq = stack.square().sum(dim=(-2, -1))
+            eigenvalues = torch.linalg.svdvals(stack).square().flip(-1)
+        else:
+            with _exact_matmul(device, dtype):  # only the product: the flag is process-global
                 gram = stack @ stack.transpose(-2, -1)
-                frobenius_sq = gram.diagonal(dim1=-2, dim2=-1).sum(-1)  # trace(W W^T) = ||W||_F^2
-                # CPU LAPACK runs batched eigvalsh matrix by matrix without threading (measured
-                # ~2x slower than this loop on 2 cores); CUDA batches for real.
-                eigenvalues = (torch.stack([torch.linalg.eigvalsh(g) for g in gram]) if device.type == "cpu"
-                               else torch.linalg.eigvalsh(gram))
+            frobenius_sq = gram.diagonal(dim1=-2, dim2=-1).sum(-1)  # trace(W W^T) = ||W||_F^2
+            # CPU LAPACK runs batched eigvalsh matrix by matrix without threading (measured
+            # ~2x slower than this loop on 2 cores); CUDA batches for real.
+            eigenvalues = (torch.stack([torch.linalg.eigvalsh(g) for g in gram]) if device.type == "cpu"
+                           else torch.linalg.eigvalsh(gram))
         eigenvalues = eigenvalues.clamp_min(0)
         size = max(stack.shape[-2:])
         floor = torch.finfo(dtype).eps * size * eigenvalues[:, -1]
@@ -188,18 +189,28 @@ class SpectralEngine:
             )
 
 
+_TF32_LOCK = threading.Lock()
+
+
 @contextlib.contextmanager
-def _exact_matmul(device: torch.device) -> Iterator[None]:
-    """Disable TF32 on CUDA for the Gram product: its 10-bit mantissa would swamp small eigenvalues."""
-    if device.type != "cuda":
+def _exact_matmul(device: torch.device, dtype: torch.dtype) -> Iterator[None]:
+    """Disable TF32 on CUDA for a float32 Gram product: its 10-bit mantissa would swamp small eigenvalues.
+
+    The flag is process-global: while it is off, float32 matmuls that other threads launch (a training
+    loop beside a background snapshot) run without TF32 too. So it is touched only when it is on and
+    the product is float32, for the launch of the product alone, under a lock so that engines on two
+    threads restore it correctly.
+    """
+    if device.type != "cuda" or dtype != torch.float32 or not torch.backends.cuda.matmul.allow_tf32:
         yield
         return
-    previous = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = previous
+    with _TF32_LOCK:
+        previous = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = previous
 
 
 def analyze(

@@ -6,7 +6,7 @@ import fnmatch
 import warnings
 from collections import Counter
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -61,6 +61,20 @@ class MatrixRef:
     @property
     def device(self) -> torch.device:
         return self._tensor.device
+
+    @property
+    def source(self) -> torch.Tensor:
+        """The parameter (or state-dict tensor) this matrix views, undetached; a fused projection's
+        q/k/v and tied weights share one source."""
+        return self._tensor
+
+    def with_source(self, tensor: torch.Tensor) -> MatrixRef:
+        """This reference viewing ``tensor`` (shaped like :attr:`source`, e.g. a copy of it) instead:
+        :meth:`weight` applies the same transpose and row selection to it. The bias is dropped."""
+        if tuple(tensor.shape) != tuple(self._tensor.shape):
+            raise ValueError(f"{self.name}: cannot view a {tuple(tensor.shape)} tensor as its source "
+                             f"{tuple(self._tensor.shape)}")
+        return replace(self, _tensor=tensor, _bias=None)
 
     def _select(self, tensor: torch.Tensor) -> torch.Tensor:
         if self._rows is None:
