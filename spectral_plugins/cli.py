@@ -24,7 +24,10 @@ _TABLE_COLUMNS = (("key", 28), ("role", 9), ("shape", 12), ("alpha", 7), ("stabl
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="spectral-plugins", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="spectral-plugins",
+        description="Spectral lifecycle of transformer weights: analyze checkpoints, run the demo, "
+                    "compare and report tracked runs.")
     subparsers = parser.add_subparsers(dest="command", required=True)
     analyze = subparsers.add_parser("analyze", help="spectra and metrics of a checkpoint or HF model dir")
     analyze.add_argument("path", help="a .pt/.pth/.bin/.ckpt state dict, a .safetensors file, or a "
