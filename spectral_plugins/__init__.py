@@ -18,10 +18,12 @@ from .model_map import MatrixRef, ModelMap, map_model, map_state_dict
 from .pruning import PruningEvaluation, evaluate_pruning, skip_blocks
 from .roles import ROLES
 from .snapshot import LayerSpectrum, Snapshot
+from .tracker import SpectralTracker
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "SpectralTracker",
     "BackgroundSnapshotter",
     "DistributedAnalyzer",
     "SnapshotterStats",

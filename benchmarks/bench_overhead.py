@@ -1,0 +1,208 @@
+"""Training overhead of spectral snapshots: steps/s with no monitor, a synchronous and a background one.
+
+Every mode trains its own copy of the same model on the same batches; the modes take turns in
+windows of ``--window`` steps (round robin, ``--rounds`` times), so machine noise hits them alike,
+and the median window of each mode is compared with the median window without a monitor. A monitor
+snapshots every ``--every`` steps (the paper's 25), half a period out of phase with the window, so
+each window holds the same number of snapshots and its last one has time to finish inside it (each
+window ends by waiting for any snapshot still in flight, inside the timing).
+
+Modes: ``none``; ``synchronous`` (``BackgroundSnapshotter(synchronous=True)``: spectra computed inline);
+``background`` (weights copied at the step boundary, spectra on a worker thread); ``background
+nice=10`` (the worker at lower CPU priority, Linux).
+
+Models: ``demo`` (default): the demo's character-level GPT (4 blocks, d_model 128) on the standard
+library's sources; ``gpt2-small``: a randomly initialised GPT-2 small on random tokens (for a GPU).
+
+Run: ``python benchmarks/bench_overhead.py [--model demo|gpt2-small] [--device cpu|cuda] [--write]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import statistics
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from spectral_plugins import SpectralEngine, map_model
+from spectral_plugins.background import BackgroundSnapshotter
+
+try:  # run as a script (benchmarks/ on sys.path) or imported as benchmarks.bench_overhead
+    from bench_engine import DOC, write_section
+except ImportError:  # pragma: no cover
+    from benchmarks.bench_engine import DOC, write_section
+
+MODES: dict[str, dict[str, object] | None] = {
+    "none": None,
+    "synchronous": {"synchronous": True},
+    "background": {},
+    "background nice=10": {"nice": 10},
+}
+
+
+@dataclass
+class Run:
+    """One mode: its model, optimizer, snapshotter and window timings."""
+
+    name: str
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    snapshotter: BackgroundSnapshotter | None
+    windows: list[float] = field(default_factory=list)
+    step: int = 0
+
+
+def demo_setup(device: torch.device, batch_size: int) -> tuple[nn.Module, Callable[[], Iterator]]:
+    from spectral_plugins.demo.data import VOCAB, encode, stdlib_text
+    from spectral_plugins.demo.model import CharGPT, GPTConfig
+
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=len(VOCAB))
+    ids = encode(stdlib_text(1_000_000))
+
+    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        generator = torch.Generator().manual_seed(0)
+        while True:
+            starts = torch.randint(0, ids.numel() - config.block_size - 1, (batch_size,), generator=generator)
+            chunk = torch.stack([ids[s:s + config.block_size + 1] for s in starts.tolist()]).to(device)
+            yield chunk[:, :-1], chunk[:, 1:]
+
+    return CharGPT(config).to(device), batches
+
+
+def gpt2_setup(device: torch.device, batch_size: int) -> tuple[nn.Module, Callable[[], Iterator]]:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config()).to(device)
+
+    class Wrapped(nn.Module):  # (logits, loss) like the demo model
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = model
+
+        def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            out = self.inner(input_ids=x, labels=x)
+            return out.logits, out.loss
+
+    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        generator = torch.Generator().manual_seed(0)
+        while True:
+            x = torch.randint(0, 50257, (batch_size, 256), generator=generator).to(device)
+            yield x, x
+
+    return Wrapped(), batches
+
+
+def train_window(run: Run, batches: Iterator, steps: int, every: int, device: torch.device) -> None:
+    """``steps`` optimizer steps (snapshot when ``step % every == every // 2``), timed."""
+    start = time.perf_counter()
+    for _ in range(steps):
+        x, y = next(batches)
+        _, loss = run.model(x, y)
+        run.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        run.optimizer.step()
+        run.step += 1
+        if run.snapshotter is not None:
+            if run.step % every == every // 2:
+                run.snapshotter.submit(run.step)
+            run.snapshotter.poll()
+    if run.snapshotter is not None:
+        run.snapshotter.drain()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    run.windows.append(time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=("demo", "gpt2-small"), default="demo")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: 32 (demo), 8 (gpt2-small)")
+    parser.add_argument("--every", type=int, default=25, help="snapshot period in steps")
+    parser.add_argument("--window", type=int, default=100, help="steps per timed window")
+    parser.add_argument("--rounds", type=int, default=3, help="windows per mode (round robin)")
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--write", action="store_true", help="store the table in docs/performance.md")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    setup = demo_setup if args.model == "demo" else gpt2_setup
+    batch_size = args.batch_size or (32 if args.model == "demo" else 8)
+    base, make_batches = setup(device, batch_size)
+
+    runs = []
+    for name in args.modes:
+        model = copy.deepcopy(base)
+        options = MODES[name]
+        snapshotter = None if options is None else BackgroundSnapshotter(
+            SpectralEngine(), map_model(model), **options)  # type: ignore[arg-type]
+        runs.append(Run(name, model, torch.optim.AdamW(model.parameters(), lr=3e-4), snapshotter))
+    streams = {run.name: make_batches() for run in runs}
+    for run in runs:  # warm-up: allocator, kernels, snapshot buffers; not timed
+        train_window(run, streams[run.name], args.every, args.every, device)
+        run.windows.clear()
+    for _ in range(args.rounds):
+        for run in runs:
+            train_window(run, streams[run.name], args.window, args.every, device)
+
+    baseline = statistics.median(runs[0].windows) if runs[0].name == "none" else float("nan")
+    rows = []
+    for run in runs:
+        median = statistics.median(run.windows)
+        stats = run.snapshotter.stats if run.snapshotter else None
+        snapshot_s = stats.compute_seconds / stats.completed if stats and stats.completed else float("nan")
+        submit_ms = 1e3 * stats.copy_seconds / stats.submitted if stats and stats.submitted else float("nan")
+        rows.append(f"| {run.name} | {args.window / median:.2f} | {median / baseline:.3f} | "
+                    f"{100 * (median / baseline - 1):+.1f}% | {snapshot_s:.3f} | {submit_ms:.2f} | "
+                    f"{stats.skipped if stats else 0} |")
+        if run.snapshotter is not None:
+            run.snapshotter.close()
+    machine = (f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
+               f"torch {torch.__version__}, device {device}"
+               + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
+    n_params = sum(p.numel() for p in base.parameters())
+    lines = [
+        f"Model `{args.model}` ({n_params / 1e6:.1f}M parameters, {len(map_model(base))} matrices), batch "
+        f"{batch_size}, snapshot every {args.every} steps; {args.rounds} interleaved windows of "
+        f"{args.window} steps per mode, median; {machine}.",
+        "",
+        "| mode | steps/s | time / none | overhead | s per snapshot | ms per submit | skipped |",
+        "|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+        f"Command: `python benchmarks/bench_overhead.py --model {args.model} --device {device.type} "
+        f"--window {args.window} --rounds {args.rounds}"
+        + (f" --threads {args.threads}" if args.threads else "") + " --write`",
+    ]
+    table = "\n".join(lines)
+    print(table)
+    if args.write:
+        name = f"bench_overhead_{args.model}_{device.type}"
+        ensure_section(DOC, name, f"Training overhead, {args.model} on {device.type} (bench_overhead.py)")
+        write_section(DOC, name, table)
+        print(f"wrote {DOC}")
+
+
+def ensure_section(path: Path, name: str, title: str) -> None:
+    """Append an empty ``## title`` section with ``name`` markers unless the file already has them."""
+    text = path.read_text() if path.exists() else "# Performance\n"
+    if f"<!-- {name}:start -->" not in text:
+        path.write_text(text.rstrip() + f"\n\n## {title}\n\n<!-- {name}:start -->\n<!-- {name}:end -->\n")
+
+
+if __name__ == "__main__":
+    main()
