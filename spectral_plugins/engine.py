@@ -127,16 +127,22 @@ class SpectralEngine:
         stack = torch.empty((len(mats), *mats[0].shape), device=device, dtype=dtype)
         for i, m in enumerate(mats):
             stack[i].copy_(m)  # one conversion copy, straight into the batch
-        finite = torch.isfinite(stack).flatten(1).all(dim=1)
-        if not bool(finite.all()):
-            stack[~finite] = 0.0
         if self.method == "svd":
+            finite = torch.isfinite(stack).flatten(1).all(dim=1)
+            if not bool(finite.all()):
+                stack[~finite] = 0.0
             frobenius_sq = stack.square().sum(dim=(-2, -1))
             eigenvalues = torch.linalg.svdvals(stack).square().flip(-1)
         else:
             with _exact_matmul(device, dtype):  # only the product: the flag is process-global
                 gram = stack @ stack.transpose(-2, -1)
-            frobenius_sq = gram.diagonal(dim1=-2, dim2=-1).sum(-1)  # trace(W W^T) = ||W||_F^2
+            # NaN/Inf anywhere in row i of W makes diag(W W^T)_i non-finite: checking the small
+            # diagonal replaces a full pass over W (measured 8% of a GPT-2 snapshot on CPU).
+            diagonal = gram.diagonal(dim1=-2, dim2=-1)
+            finite = torch.isfinite(diagonal).all(dim=1)
+            if not bool(finite.all()):
+                gram[~finite] = 0.0
+            frobenius_sq = diagonal.sum(-1)  # trace(W W^T) = ||W||_F^2
             # CPU LAPACK runs batched eigvalsh matrix by matrix without threading (measured
             # ~2x slower than this loop on 2 cores); CUDA batches for real.
             eigenvalues = (torch.stack([torch.linalg.eigvalsh(g) for g in gram]) if device.type == "cpu"
