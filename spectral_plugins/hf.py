@@ -81,6 +81,11 @@ class SpectralCallback(TrainerCallback, ExportableState):
         device: where spectra are computed (default: where the weights live).
         threads: CPU threads while a snapshot is computed (see
             :class:`~spectral_plugins.tracker.SpectralTracker`; None keeps torch's setting).
+        background: compute the spectra on a worker thread from a copy of the weights taken at the
+            step boundary, publishing each snapshot (tagged with its own step) when it is ready; at
+            most one in flight, a due step reached meanwhile is skipped and counted (see
+            :class:`~spectral_plugins.tracker.SpectralTracker`). Checkpoints and the train-end summary
+            wait for the snapshot in flight.
 
     Raises:
         ValueError: ``every_n_steps < 1``, ``threads < 1``, an unknown metric name or method.
@@ -101,6 +106,7 @@ class SpectralCallback(TrainerCallback, ExportableState):
         report_to: str | Sequence[str] | None = None,
         device: str | None = None,
         threads: int | None = 1,
+        background: bool = False,
     ) -> None:
         if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
             raise ValueError(f"every_n_steps must be an integer >= 1, got {every_n_steps!r}")
@@ -115,7 +121,7 @@ class SpectralCallback(TrainerCallback, ExportableState):
         self.options: dict[str, Any] = dict(
             every_n_steps=every_n_steps, metrics=metrics, include=include, exclude=exclude, roles=roles,
             method=method, heatmap=heatmap, history=history, attention=attention, device=device,
-            threads=threads)
+            threads=threads, background=background)
         self.every_n_steps = every_n_steps
         self.publishers = tuple(publishers)
         self.report_to = report_to

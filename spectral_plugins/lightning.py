@@ -139,6 +139,11 @@ class SpectralMonitor(*_callback_bases()):  # type: ignore[misc]
             :func:`~spectral_plugins.attention.attention_bounds`).
         threads: CPU threads while a snapshot is computed (see
             :class:`~spectral_plugins.tracker.SpectralTracker`; None keeps torch's setting).
+        background: compute the spectra on a worker thread from a copy of the weights taken at the
+            step boundary, publishing each snapshot (tagged with its own step) when it is ready; at
+            most one in flight, a due step reached meanwhile is skipped and counted (see
+            :class:`~spectral_plugins.tracker.SpectralTracker`). Checkpoints and the fit-end summary
+            wait for the snapshot in flight.
 
     Raises:
         ValueError: ``every_n_steps < 1`` or an unknown metric name.
@@ -157,6 +162,7 @@ class SpectralMonitor(*_callback_bases()):  # type: ignore[misc]
         history: bool | int = True,
         attention: bool | Mapping[str, Any] = False,
         threads: int | None = 1,
+        background: bool = False,
     ) -> None:
         super().__init__()
         if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
@@ -169,7 +175,8 @@ class SpectralMonitor(*_callback_bases()):  # type: ignore[misc]
             raise ValueError(f"method={method!r}; choose one of {METHODS}")
         self.options: dict[str, Any] = dict(
             every_n_steps=every_n_steps, metrics=metrics, include=include, exclude=exclude, roles=roles,
-            method=method, heatmap=publish_heatmaps, history=history, attention=attention, threads=threads)
+            method=method, heatmap=publish_heatmaps, history=history, attention=attention, threads=threads,
+            background=background)
         self.every_n_steps = every_n_steps
         self.extra_publishers = tuple(extra_publishers)
         self.tracker: SpectralTracker | None = None

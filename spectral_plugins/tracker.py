@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .analyses import Analysis, AnalysisOutput, AttentionAnalysis, default_analyses, fmt
+from .background import BackgroundSnapshotter
 from .engine import SpectralEngine
 from .heatmap import Heatmap, heatmaps
 from .metrics import validate_metric_names
@@ -98,6 +99,15 @@ class SpectralTracker:
             None keeps the current setting. One thread is the default because the CPU eigensolver on
             matrices up to ~2k wide spends far more CPU multi-threaded, catastrophically so on a
             busy machine (measured 250x at 512 x 512 with two threads on two shared cores).
+            With ``background=True`` it applies to the analyses; the spectra are computed on the
+            snapshot worker thread with torch's own setting.
+        background: compute the spectra off the training path: a due :meth:`step` copies the weights
+            into reused buffers and a worker thread computes the snapshot
+            (:class:`~spectral_plugins.background.BackgroundSnapshotter`); each finished snapshot is
+            published, tagged with its own step, at a later :meth:`step` call (or at :meth:`finish` /
+            :meth:`state_dict`, which wait for the one in flight). At most one snapshot is in flight:
+            a due step reached while one is running is skipped and counted
+            (``tracker.snapshotter.stats.skipped``). The metrics equal the synchronous ones.
 
     Raises:
         ValueError: ``every_n_steps < 1``, an unknown metric name, or a bad option.
@@ -119,6 +129,7 @@ class SpectralTracker:
         analyses: Sequence[Analysis] = (),
         device: str | None = None,
         threads: int | None = 1,
+        background: bool = False,
     ) -> None:
         if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
             raise ValueError(f"every_n_steps must be an integer >= 1, got {every_n_steps!r}")
@@ -147,6 +158,11 @@ class SpectralTracker:
         self._config_published = False
         self._failed_analyses: set[str] = set()
         self.snapshot_failures = 0
+        self.background = bool(background)
+        # The worker of background mode (None when synchronous, and again once closed).
+        self.snapshotter: BackgroundSnapshotter | None = (
+            BackgroundSnapshotter(self.engine, self.model_map) if self.background else None)
+        self._last_submitted: int | None = None  # the last step handed to the snapshotter
 
     def _heatmap_metrics(self, heatmap: bool | Sequence[str]) -> tuple[str, ...]:
         if heatmap is True:
@@ -190,26 +206,63 @@ class SpectralTracker:
 
     # ------------------------------------------------------------------ stepping
     def should_snapshot(self, step: int) -> bool:
-        """Whether :meth:`step` would take a snapshot at ``step``."""
-        return step % self.every_n_steps == 0 and (self.last_step is None or step > self.last_step)
+        """Whether :meth:`step` would take (or, in background mode, submit) a snapshot at ``step``."""
+        latest = self._latest_step()
+        return step % self.every_n_steps == 0 and (latest is None or step > latest)
+
+    def _latest_step(self) -> int | None:
+        """The last step snapshotted or submitted to the background worker."""
+        steps = [s for s in (self.last_step, self._last_submitted) if s is not None]
+        return max(steps) if steps else None
 
     def step(self, step: int, force: bool = False) -> StepReport | None:
         """Snapshot and publish if ``step`` is due (a multiple of ``every_n_steps`` after the last
         snapshotted step); ``force`` snapshots any step after the last one. Returns the report or None.
 
         Steps at or before the last snapshotted step are skipped, so a series never repeats a step.
+
+        With ``background=True`` a due step is submitted to the worker instead, and the snapshots
+        finished since the last call are published (oldest first, each with its own step); the
+        return value is the report of the latest of them, or None.
         """
         step = int(step)
         self._seen_step = step if self._seen_step is None else max(self._seen_step, step)
+        if self.snapshotter is not None:
+            latest = self._latest_step()
+            due = self.should_snapshot(step) or (force and (latest is None or step > latest))
+            if due and self.snapshotter.submit(step):
+                self._last_submitted = step
+            return self._publish_ready(self.snapshotter.poll())
         due = self.should_snapshot(step) or (force and (self.last_step is None or step > self.last_step))
         if not due:
             return None
+        with cpu_threads(self.threads):
+            snapshot = self._analyze(step)
+        if snapshot is None:
+            return None
+        return self._publish(snapshot)
+
+    def _publish_ready(self, snapshots: Sequence[Snapshot]) -> TrackedStepReport | None:
+        """Publish finished background snapshots in step order (any at or before the last published
+        step is dropped, so a series never repeats a step); the last report or None."""
+        report = None
+        for snapshot in sorted(snapshots, key=lambda s: s.step):
+            if self.last_step is None or snapshot.step > self.last_step:
+                report = self._publish(snapshot)
+        return report
+
+    def _drain(self, timeout: float | None = None) -> None:
+        """Background mode: wait for the snapshot in flight and publish every finished one."""
+        if self.snapshotter is not None:
+            self._publish_ready(self.snapshotter.drain(timeout))
+
+    def _publish(self, snapshot: Snapshot) -> TrackedStepReport:
+        """Run the analyses on ``snapshot``, publish it (with the configuration the first time) and
+        make it the last snapshotted step."""
+        step = int(snapshot.step)
         extra: dict[str, float] = {}
         tables: dict[str, list[dict[str, Any]]] = {}
         with cpu_threads(self.threads):
-            snapshot = self._analyze(step)
-            if snapshot is None:
-                return None
             for analysis in self.analyses:
                 output = self._run_analysis(analysis, "update", snapshot, self.model_map)
                 if output is not None:
@@ -259,8 +312,15 @@ class SpectralTracker:
         """Take a last snapshot at ``step`` (default: the latest step seen) unless it was taken,
         publish the run summary to every publisher, log it to the console, and close the publishers.
 
+        In background mode the snapshot in flight is waited for and published first, and the last
+        snapshot is computed inline (exactly as the synchronous mode does).
+
         Returns the summary, or None when no snapshot could be computed at all.
         """
+        if self.snapshotter is not None:
+            snapshotter, self.snapshotter = self.snapshotter, None  # from here on, snapshots are inline
+            self._publish_ready(snapshotter.close())
+            self._last_submitted = None
         step = self._seen_step if step is None else int(step)
         if step is None:
             step = 0 if self.last_step is None else self.last_step
@@ -295,13 +355,22 @@ class SpectralTracker:
         return summary
 
     def close(self) -> None:
-        """Close every publisher (each closes only what it opened itself)."""
+        """Stop the background worker, if any (a snapshot still in flight is waited for and dropped
+        unpublished), and close every publisher (each closes only what it opened itself)."""
+        if self.snapshotter is not None:
+            snapshotter, self.snapshotter = self.snapshotter, None
+            snapshotter.close()
+            self._last_submitted = None
         for publisher in self.publishers:
             publisher.close()
 
     # ------------------------------------------------------------------ resume
     def state_dict(self) -> dict[str, Any]:
-        """Plain data to resume from: the last snapshotted step and every analysis' state (history)."""
+        """Plain data to resume from: the last snapshotted step and every analysis' state (history).
+
+        In background mode the snapshot in flight is waited for and published first, so the state
+        includes it."""
+        self._drain()
         return {
             "format": STATE_FORMAT,
             "version": STATE_VERSION,
@@ -319,6 +388,9 @@ class SpectralTracker:
         self.last_step = None if state["last_step"] is None else int(state["last_step"])
         self._seen_step = None if state.get("seen_step") is None else int(state["seen_step"])
         self.last_report = None
+        if self.snapshotter is not None:  # snapshots of the abandoned timeline are never published
+            self.snapshotter.drain()
+            self._last_submitted = None
         saved = state.get("analyses", {})
         for analysis in self.analyses:
             if analysis.name in saved:

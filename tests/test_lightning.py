@@ -7,6 +7,7 @@ import csv
 import json
 import math
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -375,3 +376,40 @@ def test_a_pytorch_lightning_trainer_accepts_the_monitor(tmp_path: Path, ids: to
     csv_values = csv_series(Path(loggers[1].log_dir) / "metrics.csv")
     assert {k: v for k, v in csv_values.items() if k in expected} == expected
     assert all(math.isfinite(v) for points in expected.values() for _, v in points)
+
+
+
+class WaitForSnapshot(L.Callback):
+    """Lets a background snapshot finish before the next batch, so no due step is skipped (skipping
+    is covered by test_background), and counts the skips the monitor's snapshotter saw."""
+
+    def __init__(self, monitor: SpectralMonitor) -> None:
+        self.monitor = monitor
+        self.skipped = 0
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        snapshotter = self.monitor.tracker.snapshotter if self.monitor.tracker is not None else None
+        while snapshotter is not None and snapshotter.busy:
+            time.sleep(0.001)
+        if snapshotter is not None:
+            self.skipped = snapshotter.stats.skipped
+
+
+def test_background_monitor_publishes_every_due_step_to_tensorboard(tmp_path: Path,
+                                                                     ids: torch.Tensor) -> None:
+    recorder = RecordingPublisher()
+    logger = TensorBoardLogger(str(tmp_path), name="tb")
+    monitor = SpectralMonitor(every_n_steps=2, extra_publishers=[recorder], publish_heatmaps=False,
+                              background=True)
+    waiter = WaitForSnapshot(monitor)
+    fit = trainer(tmp_path, max_steps=8, logger=logger, callbacks=[monitor, waiter])
+    fit.fit(CharGPTModule(CONFIG), loader(ids, 8))
+
+    assert [r.step for r in recorder.reports] == [0, 2, 4, 6, 8] and waiter.skipped == 0
+    assert recorder.summaries and monitor.summary is recorder.summaries[0]
+    assert monitor.tracker is not None and monitor.tracker.snapshotter is None  # closed at fit end
+    expected = expected_series(recorder.reports)
+    assert any(k.startswith("spectral_lifecycle/") for k in expected)
+    scalars = read_tensorboard_scalars(Path(logger.log_dir))
+    assert {k: scalars[k] for k in expected} == float32(expected)
+    assert [step for step, _ in scalars["spectral_alpha/L00_q"]] == [0, 2, 4, 6, 8]

@@ -291,3 +291,50 @@ def test_a_failing_snapshot_warns_and_training_goes_on(model: CharGPT) -> None:
         assert tracker.step(0) is None
     assert tracker.step(1) is None and tracker.snapshot_failures == 2
     assert tracker.finish() is None and recorder.reports == [] and recorder.closed == 1
+
+
+def test_background_snapshots_publish_the_same_steps_and_values_as_synchronous() -> None:
+    """A background tracker in a plain loop publishes exactly the synchronous tracker's steps, with
+    bit-identical snapshots and analysis scalars (the lifecycle sees them in step order)."""
+    import copy
+    import dataclasses
+    import time
+
+    from tests.conftest import tiny_gpt2
+
+    torch.manual_seed(0)
+    reference = tiny_gpt2(n_layer=2).eval()  # eval: no dropout, both runs see identical updates
+    data = torch.randint(0, 64, (12, 2, 16), generator=torch.Generator().manual_seed(1))
+    runs: dict[bool, tuple[RecordingPublisher, SpectralTracker]] = {}
+    for background in (False, True):
+        model = copy.deepcopy(reference)
+        recorder = RecordingPublisher()
+        tracker = SpectralTracker(model, every_n_steps=3, publishers=[recorder], heatmap=False,
+                                  background=background)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+        for step, batch in enumerate(data, start=1):
+            loss = model(batch, labels=batch).loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            if background and step % 3 == 0:
+                # Let the previous snapshot finish so no due step is skipped (skips: test_background).
+                while tracker.snapshotter is not None and tracker.snapshotter.busy:
+                    time.sleep(0.001)
+            tracker.step(step)
+        if background:
+            assert tracker.snapshotter is not None and tracker.snapshotter.stats.skipped == 0
+            assert tracker.state_dict()["last_step"] == 12  # a checkpoint includes the step in flight
+        tracker.finish()
+        runs[background] = recorder, tracker
+
+    (sync, _), (bg, bg_tracker) = runs[False], runs[True]
+    assert [r.step for r in sync.reports] == [3, 6, 9, 12]
+    assert [r.step for r in bg.reports] == [r.step for r in sync.reports]
+    for expected, got in zip(sync.reports, bg.reports):
+        # every value bit-identical; only the wall-clock timing field differs
+        assert (dataclasses.replace(got.snapshot, seconds=0.0).to_json()
+                == dataclasses.replace(expected.snapshot, seconds=0.0).to_json())
+        assert got.scalars() == expected.scalars()
+    assert len(bg.summaries) == 1 and bg.summaries[0].summary_scalars == sync.summaries[0].summary_scalars
+    assert bg_tracker.snapshotter is None and bg_tracker.last_step == 12
