@@ -27,6 +27,17 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models and small matrices: one intra-op thread is as fast, and avoids OpenMP
+    spin-waiting (minutes instead of seconds) when the 2 CPUs are shared with other jobs.
+    Use with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def tiny_gpt2(n_layer: int = 3, n_embd: int = 32, n_head: int = 4):
     """A small HF GPT-2 with random weights (fused Conv1D c_attn, tied lm_head)."""
     from transformers import GPT2Config, GPT2LMHeadModel

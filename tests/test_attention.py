@@ -37,14 +37,7 @@ TEXT = Path(__file__).parent / "data" / "attention_text.txt"
 POWER_TOL = 1e-12  # relative change at which power iteration stops in these tests
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small matrices: one intra-op thread is as fast, and avoids OpenMP spin-waiting (minutes
-    instead of seconds) when the CPU is shared with other jobs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _random_heads(heads: int, heads_kv: int, head_dim: int, dim: int, seed: int) -> tuple[torch.Tensor, ...]:

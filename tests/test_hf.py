@@ -24,7 +24,7 @@ from spectral_plugins.keys import STEP_KEY
 from spectral_plugins.publishing import StepReport
 from spectral_plugins.tensorboard import TensorBoardPublisher
 from tests.conftest import tiny_gpt2
-from tests.test_tracker import FaultInjectingPublisher, RecordingPublisher
+from tests.publishers import FaultInjectingPublisher, RecordingPublisher
 from tests.test_wandb import set_wandb_env
 from tests.tracker_readers import (
     find_wandb_offline_run,

@@ -25,7 +25,7 @@ from spectral_plugins.demo.model import GPTConfig
 from spectral_plugins.demo.module import CharGPTModule
 from spectral_plugins.keys import STEP_KEY
 from spectral_plugins.lightning import LoggerPublisher, SpectralMonitor, logger_kind, publisher_for
-from tests.test_tracker import FaultInjectingPublisher, RecordingPublisher
+from tests.publishers import FaultInjectingPublisher, RecordingPublisher
 from tests.test_wandb import reset_wandb, set_wandb_env
 from tests.tracker_readers import (
     find_wandb_offline_run,
@@ -49,13 +49,7 @@ def ids() -> torch.Tensor:
     return encode(stdlib_text(20_000))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny models train faster on one CPU thread (and the suite stays fast on 2 shared cores)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @contextlib.contextmanager

@@ -21,13 +21,7 @@ from tests.synthetic import profile_history
 SCALES = (3.0, 0.03, 1.0, 0.01, 0.3, 0.1)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():  # noqa: ANN202
-    """Tiny models: one intra-op thread is 30x faster than two fighting other processes for 2 cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class Block(nn.Module):

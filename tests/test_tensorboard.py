@@ -19,6 +19,7 @@ from spectral_plugins import SpectralEngine
 from spectral_plugins.lifecycle import SpectralLifecycle
 from spectral_plugins.publishing import GuardedPublisher, RunSummary, StepReport
 from spectral_plugins.tensorboard import TensorBoardPublisher
+from tests.publishers import FaultInjectingPublisher
 from tests.tracker_readers import (
     flatten_custom_scalars_layout,
     read_tensorboard_custom_scalars_layouts,
@@ -201,21 +202,6 @@ def test_a_passed_writer_is_used_and_never_closed(tmp_path: Path, run: Run) -> N
 def test_invalid_arguments_fail_at_construction(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown metric"):
         TensorBoardPublisher(tmp_path, heatmap_metrics=("alfa",))
-
-
-class FaultInjectingPublisher:
-    """A publisher that raises on every call, as a broken tracker would."""
-
-    name = "fault-injector"
-
-    def __init__(self) -> None:
-        self.calls = 0
-
-    def _fail(self, *args: Any) -> None:
-        self.calls += 1
-        raise OSError("injected fault: disk full")
-
-    publish_config = publish_step = publish_summary = close = _fail
 
 
 def test_a_failing_publisher_never_stops_the_others(tmp_path: Path,

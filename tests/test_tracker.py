@@ -15,49 +15,12 @@ import torch
 from spectral_plugins import SpectralEngine
 from spectral_plugins.analyses import AnalysisOutput
 from spectral_plugins.demo.model import CharGPT, GPTConfig
-from spectral_plugins.publishing import RunSummary, StepReport
 from spectral_plugins.tracker import SpectralTracker
+from tests.publishers import FaultInjectingPublisher, RecordingPublisher
 
 TINY = GPTConfig(vocab_size=40, block_size=16, n_layer=2, n_head=2, d_model=32)
 
 
-class RecordingPublisher:
-    """A real publisher that keeps what it receives (the reference the trackers are compared to)."""
-
-    name = "recording"
-
-    def __init__(self) -> None:
-        self.configs: list[Mapping[str, Any]] = []
-        self.reports: list[StepReport] = []
-        self.summaries: list[RunSummary] = []
-        self.closed = 0
-
-    def publish_config(self, config: Mapping[str, Any]) -> None:
-        self.configs.append(dict(config))
-
-    def publish_step(self, report: StepReport) -> None:
-        self.reports.append(report)
-
-    def publish_summary(self, summary: RunSummary) -> None:
-        self.summaries.append(summary)
-
-    def close(self) -> None:
-        self.closed += 1
-
-
-class FaultInjectingPublisher:
-    """Raises on every call."""
-
-    name = "fault-injector"
-
-    def __init__(self) -> None:
-        self.calls = 0
-
-    def _fail(self, *args: Any) -> None:
-        self.calls += 1
-        raise OSError("injected fault: disk full")
-
-    publish_config = publish_step = publish_summary = close = _fail
 
 
 class FailingAnalysis:

@@ -33,13 +33,7 @@ def set_wandb_env(monkeypatch: pytest.MonkeyPatch, root: Path) -> None:
         monkeypatch.setenv(f"WANDB_{name}_DIR", str(root / name.lower()))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny models train faster on one CPU thread (and the suite stays fast on 2 shared cores)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture
