@@ -28,11 +28,16 @@ class Heatmap:
 
     def to_rgb(self, cell: int = 24) -> np.ndarray:
         """An (H, W, 3) uint8 image, depth down, role across; matplotlib-rendered with axis labels
-        when matplotlib is installed, else plain colour cells."""
-        try:
-            return _render_matplotlib(self)
-        except ImportError:
-            return _render_cells(self, cell)
+        when matplotlib is installed, else plain colour cells. Rendered once (about 0.2 s) however
+        many publishers ask."""
+        cached = self.__dict__.get("_rgb")
+        if cached is None:
+            try:
+                cached = _render_matplotlib(self)
+            except ImportError:
+                cached = _render_cells(self, cell)
+            object.__setattr__(self, "_rgb", cached)  # a cache, not state: frozen otherwise
+        return cached
 
     def to_png(self) -> bytes:
         """The image as PNG bytes."""

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .metrics import validate_metric_names
-from .publishing import RunSummary, StepReport
+from .publishing import RunSummary, StepReport, flatten_config
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -232,14 +232,7 @@ class MlflowPublisher:
 def config_params(config: Mapping[str, Any], prefix: str = PARAM_PREFIX) -> dict[str, str]:
     """``{spectral/<key>: str(value)}`` with nested mappings flattened (``spectral/a/b``), values
     cut to MLflow's param length and keys to its key length."""
-    out: dict[str, str] = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value:
-            out.update(config_params(value, name + "/"))
-        else:
-            out[name[:MAX_KEY_LENGTH]] = _param_value(value)
-    return out
+    return {name[:MAX_KEY_LENGTH]: _param_value(value) for name, value in flatten_config(config, prefix)}
 
 
 def summary_text(summary: RunSummary) -> str:

@@ -28,6 +28,7 @@ class StepReport:
         extra_scalars: canonical scalars computed beyond the snapshot (lifecycle ``spectral_lifecycle/...``,
             attention ``spectral_attention/...``), already keyed.
         tables: named tables (``{name: list of row dicts}``) such as per-head attention bounds.
+        heatmap_metrics: the metrics drawn as depth x role heatmaps (None: every published metric).
     """
 
     step: int
@@ -35,6 +36,7 @@ class StepReport:
     metrics: tuple[str, ...] = METRIC_NAMES
     extra_scalars: Mapping[str, float] = field(default_factory=dict)
     tables: Mapping[str, list[dict[str, Any]]] = field(default_factory=dict)
+    heatmap_metrics: tuple[str, ...] | None = None
 
     def scalars(self) -> dict[str, float]:
         """All scalars of this step under their canonical keys (NaN values dropped)."""
@@ -42,8 +44,13 @@ class StepReport:
         return {k: float(v) for k, v in values.items() if v is not None and math.isfinite(float(v))}
 
     def heatmaps(self) -> list[Heatmap]:
-        """One depth x role grid per published metric."""
-        return heatmaps(self.snapshot, self.metrics)
+        """One depth x role grid per heatmap metric, computed once for all publishers."""
+        cached = self.__dict__.get("_heatmaps")
+        if cached is None:
+            chosen = self.metrics if self.heatmap_metrics is None else self.heatmap_metrics
+            cached = heatmaps(self.snapshot, chosen)
+            object.__setattr__(self, "_heatmaps", cached)  # a cache, not state: frozen otherwise
+        return list(cached)
 
 
 @dataclass(frozen=True)
@@ -62,6 +69,18 @@ class RunSummary:
     summary_scalars: Mapping[str, float] = field(default_factory=dict)
     text: str = ""
     config: Mapping[str, Any] = field(default_factory=dict)
+
+
+def flatten_config(config: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """``[(key, value)]`` with nested mappings flattened into ``a/b`` keys (params, text tables)."""
+    flat: list[tuple[str, Any]] = []
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.extend(flatten_config(value, name + "/"))
+        else:
+            flat.append((name, value))
+    return flat
 
 
 @runtime_checkable

@@ -32,7 +32,7 @@ import numpy as np
 from .heatmap import BLOCK_ROLES
 from .keys import ATTENTION_SECTION, LIFECYCLE_SECTION, MATRIX_PREFIX
 from .metrics import validate_metric_names
-from .publishing import RunSummary, StepReport
+from .publishing import RunSummary, StepReport, flatten_config
 from .snapshot import Snapshot
 
 if TYPE_CHECKING:
@@ -114,7 +114,7 @@ class TensorBoardPublisher:
 
     def publish_config(self, config: Mapping[str, Any]) -> None:
         """Write the configuration as a two-column markdown table (text panel ``spectral_config``)."""
-        rows = [(key, str(value)) for key, value in _flatten(config)]
+        rows = [(key, str(value)) for key, value in flatten_config(config)]
         self.writer.add_text(CONFIG_TAG, _markdown_table(("setting", "value"), rows), 0)
         self.writer.flush()
 
@@ -238,17 +238,6 @@ def _role_regex(snapshot: Snapshot, role: str) -> str:
 
 def _name_after(key: str, section: str) -> str:
     return key[len(section) + 1:].split("/", 1)[0]
-
-
-def _flatten(config: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
-    out: list[tuple[str, Any]] = []
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value:
-            out.extend(_flatten(value, name + "/"))
-        else:
-            out.append((name, value))
-    return out
 
 
 def _format(value: Any) -> str:

@@ -20,7 +20,6 @@ import contextlib
 import logging
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,7 +28,6 @@ from torch import nn
 from .analyses import Analysis, AnalysisOutput, AttentionAnalysis, default_analyses, fmt
 from .background import BackgroundSnapshotter
 from .engine import SpectralEngine
-from .heatmap import Heatmap, heatmaps
 from .metrics import validate_metric_names
 from .model_map import ModelMap, map_model
 from .publishing import GuardedPublisher, Publisher, RunSummary, StepReport
@@ -44,34 +42,6 @@ DEFAULT_HEATMAP_METRICS: tuple[str, ...] = ("alpha", "stable_rank")
 # Columns of the final per-layer table, in this order when published.
 TABLE_COLUMNS: tuple[str, ...] = ("alpha", "stable_rank", "effective_rank", "spectral_norm", "alpha_weighted",
                                   "frobenius_norm", "ks_distance", "n_tail")
-
-
-@dataclass(frozen=True)
-class _CachedHeatmap(Heatmap):
-    """A heatmap rendered once however many publishers ask for its image."""
-
-    def to_rgb(self, cell: int = 24) -> Any:
-        cached = self.__dict__.get("_rgb")
-        if cached is None:
-            cached = super().to_rgb(cell)
-            object.__setattr__(self, "_rgb", cached)
-        return cached
-
-
-@dataclass(frozen=True)
-class TrackedStepReport(StepReport):
-    """A :class:`~spectral_plugins.publishing.StepReport` whose heatmaps are limited to
-    ``heatmap_metrics`` (none when empty) and computed and rendered once for all publishers."""
-
-    heatmap_metrics: tuple[str, ...] = ()
-
-    def heatmaps(self) -> list[Heatmap]:
-        cached = self.__dict__.get("_heatmaps")
-        if cached is None:
-            cached = [_CachedHeatmap(h.metric, h.step, h.depths, h.roles, h.values)
-                      for h in heatmaps(self.snapshot, self.heatmap_metrics)]
-            object.__setattr__(self, "_heatmaps", cached)
-        return list(cached)
 
 
 class SpectralTracker:
@@ -153,7 +123,7 @@ class SpectralTracker:
         for publisher in publishers:
             self.add_publisher(publisher)
         self.last_step: int | None = None  # the last step snapshotted (also across a resume)
-        self.last_report: TrackedStepReport | None = None
+        self.last_report: StepReport | None = None
         self._seen_step: int | None = None
         self._config_published = False
         self._failed_analyses: set[str] = set()
@@ -242,7 +212,7 @@ class SpectralTracker:
             return None
         return self._publish(snapshot)
 
-    def _publish_ready(self, snapshots: Sequence[Snapshot]) -> TrackedStepReport | None:
+    def _publish_ready(self, snapshots: Sequence[Snapshot]) -> StepReport | None:
         """Publish finished background snapshots in step order (any at or before the last published
         step is dropped, so a series never repeats a step); the last report or None."""
         report = None
@@ -256,7 +226,7 @@ class SpectralTracker:
         if self.snapshotter is not None:
             self._publish_ready(self.snapshotter.drain(timeout))
 
-    def _publish(self, snapshot: Snapshot) -> TrackedStepReport:
+    def _publish(self, snapshot: Snapshot) -> StepReport:
         """Run the analyses on ``snapshot``, publish it (with the configuration the first time) and
         make it the last snapshotted step."""
         step = int(snapshot.step)
@@ -268,7 +238,7 @@ class SpectralTracker:
                 if output is not None:
                     extra.update(output.scalars)
                     tables.update(output.tables)
-        report = TrackedStepReport(step=step, snapshot=snapshot, metrics=self.metrics, extra_scalars=extra,
+        report = StepReport(step=step, snapshot=snapshot, metrics=self.metrics, extra_scalars=extra,
                                    tables=tables, heatmap_metrics=self.heatmap_metrics)
         if not self._config_published:
             config = self.config()
@@ -334,7 +304,7 @@ class SpectralTracker:
                 if close:
                     self.close()
                 return None
-            self.last_report = TrackedStepReport(step=last, snapshot=snapshot, metrics=self.metrics,
+            self.last_report = StepReport(step=last, snapshot=snapshot, metrics=self.metrics,
                                                  heatmap_metrics=self.heatmap_metrics)
         scalars: dict[str, float] = {}
         texts: list[str] = []
