@@ -21,8 +21,8 @@ from torch.utils.data import DataLoader
 
 from spectral_plugins import SpectralEngine
 from spectral_plugins.demo.data import VOCAB, CharWindows, encode, stdlib_text
+from spectral_plugins.demo.lightning import CharGPTModule
 from spectral_plugins.demo.model import GPTConfig
-from spectral_plugins.demo.module import CharGPTModule
 from spectral_plugins.keys import STEP_KEY
 from spectral_plugins.lightning import LoggerPublisher, SpectralMonitor, logger_kind, publisher_for
 from tests.publishers import FaultInjectingPublisher, RecordingPublisher

@@ -109,7 +109,7 @@ def _train(out: Path, max_steps: int, every_n_steps: int, batch_size: int, track
     from torch.utils.data import DataLoader
 
     from ..lightning import SpectralMonitor
-    from .module import CharGPTModule
+    from .lightning import CharGPTModule
 
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(seed, verbose=False)
