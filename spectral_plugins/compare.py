@@ -123,14 +123,11 @@ def _f(value: float, digits: int = 3) -> str:
 
 def plot_comparison(comparison: Comparison, path: str | Path) -> Path:
     """Write a log-log plot of Delta-alpha against L with the fitted power law (PNG)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from .report import saved_figure
 
     depths, deltas = comparison.depths(), comparison.delta_alphas()
-    fig, ax = plt.subplots(figsize=(5.5, 4.0), dpi=110)
-    try:
+    with saved_figure(path, figsize=(5.5, 4.0), dpi=110) as fig:
+        ax = fig.subplots()
         ax.scatter(depths, deltas, color="C0", zorder=3)
         for r, x, y in zip(comparison.runs, depths, deltas):
             if math.isfinite(y) and y > 0:
@@ -146,13 +143,7 @@ def plot_comparison(comparison: Comparison, path: str | Path) -> Path:
         ax.set_xlabel("depth L (blocks)")
         ax.set_ylabel(f"Δα ({comparison.group})")
         ax.set_title("Persistent spectral gradient vs depth")
-        fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path)
-    finally:
-        plt.close(fig)
-    return path
+    return Path(path)
 
 
 def add_compare_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import html
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -48,16 +51,11 @@ def _groups(history: SpectralHistory, config: LifecycleConfig) -> list[str]:
 def plot_report(history: SpectralHistory, summary: LifecycleSummary, path: str | Path,
                 config: LifecycleConfig | None = None, pruning: PruningEvaluation | None = None) -> Path:
     """Draw the report figure to ``path`` (PNG)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     config = config or LifecycleConfig()
     groups = _groups(history, config) or ["all"]
     ncols = max(len(groups), 3)
-    fig, axes = plt.subplots(3, ncols, figsize=(4.2 * ncols, 10.5), dpi=100, squeeze=False)
-    try:
+    with saved_figure(path, figsize=(4.2 * ncols, 10.5), dpi=100) as fig:
+        axes = fig.subplots(3, ncols, squeeze=False)
         for ax, group in zip(axes[0], groups):
             _heatmap(fig, ax, wave_trajectory(history, group, config))
         profile_groups = [g for g in ("all", "qk") if g in groups][:2] or groups[:1]
@@ -72,13 +70,22 @@ def plot_report(history: SpectralHistory, summary: LifecycleSummary, path: str |
                 if not ax.has_data():
                     ax.set_axis_off()
         fig.suptitle(f"Spectral lifecycle up to step {summary.step} ({summary.num_blocks} blocks)")
-        fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path)
-    finally:
-        plt.close(fig)
-    return path
+    return Path(path)
+
+
+@contextlib.contextmanager
+def saved_figure(path: str | Path, **figure_options: Any) -> Iterator[Any]:
+    """A matplotlib ``Figure`` (no pyplot, so the user's backend is left alone) written to ``path``
+    as PNG when the block ends without error; matplotlib is imported only here."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(**figure_options)
+    FigureCanvasAgg(fig)
+    yield fig
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
 
 
 def _heatmap(fig, ax, w) -> None:  # noqa: ANN001 - matplotlib objects
@@ -97,13 +104,13 @@ def _heatmap(fig, ax, w) -> None:  # noqa: ANN001 - matplotlib objects
 
 
 def _alpha_profiles(ax, history: SpectralHistory, group: str, summary: LifecycleSummary) -> None:  # noqa: ANN001
-    import matplotlib.pyplot as plt
+    from matplotlib import colormaps
 
     steps, depths, alpha = alpha_profiles(history, group)
     if alpha.size == 0:
         return
     rows = np.unique(np.linspace(0, len(steps) - 1, min(PROFILE_LINES, len(steps))).round().astype(int))
-    colors = plt.cm.viridis(np.linspace(0, 1, len(rows)))
+    colors = colormaps["viridis"](np.linspace(0, 1, len(rows)))
     for color, t in zip(colors, rows):
         ax.plot(depths, alpha[t], color=color, marker=".", lw=1, label=f"step {steps[t]}")
     g = summary.group(group)
