@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from .engine import METHODS, SpectralEngine
+from .metrics import METRIC_NAMES
 from .snapshot import Snapshot
+from .tracker import layer_table
 
 # (module, function) pairs that add a subcommand; a module whose extra is missing is skipped.
 _SUBCOMMANDS = (
@@ -18,9 +19,6 @@ _SUBCOMMANDS = (
     ("spectral_plugins.compare", "add_compare_parser"),
     ("spectral_plugins.report", "add_report_parser"),
 )
-
-_TABLE_COLUMNS = (("key", 28), ("role", 9), ("shape", 12), ("alpha", 7), ("stable_rank", 11),
-                  ("effective_rank", 14), ("spectral_norm", 13), ("n_tail", 6))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,25 +64,9 @@ def _run_analyze(args: argparse.Namespace) -> int:
 
 
 def format_table(snapshot: Snapshot) -> str:
-    """A fixed-width per-layer table of the main metrics."""
-    lines = ["  ".join(name.rjust(width) for name, width in _TABLE_COLUMNS)]
-    for layer in snapshot.layers:
-        cells = []
-        for name, width in _TABLE_COLUMNS:
-            value = "x".join(map(str, layer.shape)) if name == "shape" else getattr(layer, name)
-            if isinstance(value, float):
-                value = _format_number(value)
-            cells.append(str(value)[-width:].rjust(width))
-        lines.append("  ".join(cells))
-    lines.append(f"{len(snapshot)} matrices, method={snapshot.method}, dtype={snapshot.dtype}, "
-                 f"{snapshot.seconds:.2f} s")
-    return "\n".join(lines)
-
-
-def _format_number(value: float) -> str:
-    if not math.isfinite(value):
-        return "nan"
-    return f"{value:.3g}" if abs(value) >= 1e4 else f"{value:.3f}"
+    """The per-layer table of the tracker's console summary, and how the spectra were computed."""
+    return (f"{layer_table(snapshot, METRIC_NAMES)}\n{len(snapshot)} matrices, method={snapshot.method}, "
+            f"dtype={snapshot.dtype}, {snapshot.seconds:.2f} s")
 
 
 def _progress_bar(total: int):

@@ -377,7 +377,8 @@ def layer_table(snapshot: Snapshot, metrics: Sequence[str]) -> str:
     widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
     lines = ["  ".join(str(cell).rjust(w) if i > 1 else str(cell).ljust(w) for i, (cell, w) in
                        enumerate(zip(row, widths))) for row in [header, *rows]]
-    return f"per-layer spectra at step {snapshot.step}:\n" + "\n".join(lines)
+    at_step = "" if snapshot.step is None else f" at step {snapshot.step}"
+    return f"per-layer spectra{at_step}:\n" + "\n".join(lines)
 
 
 def _as_list(patterns: Sequence[str] | str | None) -> list[str] | None:
