@@ -20,6 +20,7 @@ import numpy as np
 
 from .history import SpectralHistory
 from .lifecycle import LifecycleConfig, LifecycleSummary, summarize
+from .report import fixed, saved_figure
 
 DEFAULT_PLOT = "spectral_compare.png"
 
@@ -104,27 +105,23 @@ def format_table(comparison: Comparison) -> str:
     for r in comparison.runs:
         s = r.summary.group(g)
         peak = s.inverted_u.peak_relative_depth if s.inverted_u.is_inverted_u else math.nan
-        rows.append((r.name, str(r.num_blocks), str(r.steps), _f(s.delta_alpha), _f(s.alpha_depth_gradient),
-                     _f(peak), _f(s.wave_speed), _f(s.reversal_step, 0), _f(r.summary.qk_vo_asymmetry)))
+        rows.append((r.name, str(r.num_blocks), str(r.steps), fixed(s.delta_alpha),
+                     fixed(s.alpha_depth_gradient), fixed(peak), fixed(s.wave_speed),
+                     fixed(s.reversal_step, 0), fixed(r.summary.qk_vo_asymmetry)))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
                        for i, (cell, w) in enumerate(zip(row, widths))) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     fit = comparison.fit
     lines.append("")
-    lines.append(f"Delta-alpha[{g}] = {_f(fit.prefactor)} * L^{_f(fit.exponent)} "
-                 f"(+- {_f(fit.exponent_stderr)}), R^2 = {_f(fit.r2)}, {fit.n_runs} runs  (Liu 2026: L^0.26)")
+    lines.append(f"Delta-alpha[{g}] = {fixed(fit.prefactor)} * L^{fixed(fit.exponent)} "
+                 f"(+- {fixed(fit.exponent_stderr)}), R^2 = {fixed(fit.r2)}, {fit.n_runs} runs  "
+                 "(Liu 2026: L^0.26)")
     return "\n".join(lines)
-
-
-def _f(value: float, digits: int = 3) -> str:
-    return "-" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
 
 
 def plot_comparison(comparison: Comparison, path: str | Path) -> Path:
     """Write a log-log plot of Delta-alpha against L with the fitted power law (PNG)."""
-    from .report import saved_figure
-
     depths, deltas = comparison.depths(), comparison.delta_alphas()
     with saved_figure(path, figsize=(5.5, 4.0), dpi=110) as fig:
         ax = fig.subplots()

@@ -190,10 +190,10 @@ def _pruning_paragraph(p: PruningEvaluation) -> str:
         f"last-N {list(p.last_blocks)} &rarr; {p.last_loss:.4f};",
         f"random (mean of {len(p.random_losses)}) &rarr; {p.random_loss:.4f};",
         f"oracle {list(p.oracle_blocks)} &rarr; {p.oracle_loss:.4f}.",
-        f"Loss-increase ratio last-N / spectral = {_f(p.ratio_vs_last)},",
-        f"random / spectral = {_f(p.ratio_vs_random)};",
-        f"Spearman rho(importance, single-removal loss increase) = {_f(p.spearman_rho)}",
-        f"(p = {_f(p.spearman_p)}).",
+        f"Loss-increase ratio last-N / spectral = {fixed(p.ratio_vs_last)},",
+        f"random / spectral = {fixed(p.ratio_vs_random)};",
+        f"Spearman rho(importance, single-removal loss increase) = {fixed(p.spearman_rho)}",
+        f"(p = {fixed(p.spearman_p)}).",
     ]
     return "<p>" + " ".join(parts) + "</p>"
 
@@ -203,10 +203,12 @@ def report_html(title: str, summary: LifecycleSummary, png: Path,
     """The HTML page (figure embedded as base64, so the page stands alone)."""
     image = base64.b64encode(png.read_bytes()).decode("ascii")
     rows = "\n".join(_row([
-        g.group, str(g.num_blocks), _f(g.wave_speed), _f(g.wave_r2),
-        _f(g.reversal_step, 0) if g.reversed else "no", _f(g.delta_alpha), _f(g.alpha_depth_gradient),
-        _f(g.inverted_u.peak_depth, 1) if g.inverted_u.is_inverted_u else "no", _f(g.inverted_u.confidence),
-        _f(g.tau_fast, 0), _f(g.tau_slow, 0)]) for g in summary.groups)
+        g.group, str(g.num_blocks), fixed(g.wave_speed), fixed(g.wave_r2),
+        fixed(g.reversal_step, 0) if g.reversed else "no", fixed(g.delta_alpha),
+        fixed(g.alpha_depth_gradient),
+        fixed(g.inverted_u.peak_depth, 1) if g.inverted_u.is_inverted_u else "no",
+        fixed(g.inverted_u.confidence),
+        fixed(g.tau_fast, 0), fixed(g.tau_slow, 0)]) for g in summary.groups)
     header = "<tr>" + "".join(f"<th>{c}</th>" for c in _COLUMNS) + "</tr>"
     advice = ", ".join(str(d) for d in summary.advice.order)
     method = html.escape(summary.importance.method)
@@ -215,7 +217,7 @@ def report_html(title: str, summary: LifecycleSummary, png: Path,
 <html><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>{_STYLE}</style></head><body>
 <h1>{html.escape(title)}</h1>
 <p>Up to step {summary.step}, {summary.num_blocks} blocks. Q/K vs V/O asymmetry (run level):
-{_f(summary.qk_vo_asymmetry)}. Definitions: docs/lifecycle.md.</p>
+{fixed(summary.qk_vo_asymmetry)}. Definitions: docs/lifecycle.md.</p>
 <table>{header}
 {rows}</table>
 <h2>Pruning advice</h2>
@@ -226,7 +228,8 @@ def report_html(title: str, summary: LifecycleSummary, png: Path,
 """
 
 
-def _f(value: float, digits: int = 3) -> str:
+def fixed(value: float | None, digits: int = 3) -> str:
+    """``value`` with ``digits`` decimals, ``-`` when missing or not finite (tables)."""
     return "-" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
 
 

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .analyses import fmt
 from .heatmap import BLOCK_ROLES
 from .keys import ATTENTION_SECTION, LIFECYCLE_SECTION, MATRIX_PREFIX
 from .metrics import validate_metric_names
@@ -241,9 +242,7 @@ def _name_after(key: str, section: str) -> str:
 
 
 def _format(value: Any) -> str:
-    if isinstance(value, float):
-        return "nan" if not math.isfinite(value) else f"{value:.4g}"
-    return str(value)
+    return fmt(value) if isinstance(value, float) else str(value)
 
 
 def _markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
