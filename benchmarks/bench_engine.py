@@ -1,44 +1,51 @@
 """Engine speed and accuracy, side by side in one run: ours vs WeightWatcher vs the bare floor.
 
 The floor is the physical limit of the method: a loop of Gram product + ``eigvalsh`` alone, no
-metrics. We time, on the same GPT-2-small-shaped matrices (random init, seeded):
+metrics. For each model (``--models``: GPT-2 small, GPT-2 medium, a 1.1B Llama-shaped model; random
+init, seeded; the matrices of the transformer blocks) we time, on the same matrices:
 
 - ``ours``: ``SpectralEngine().analyze`` (float64, the default) and with ``dtype="float32"``;
 - ``floor``: Gram + eigvalsh loop at float64 and float32;
 - ``svdvals``: a float64 ``torch.linalg.svdvals`` loop (the exact reference method);
 - ``weightwatcher``: ``WeightWatcher(model).analyze()`` on the same matrices as ``nn.Linear`` s;
 
-and print time ratios and max |d alpha| against WeightWatcher. With ``--write`` the table is stored
-in docs/performance.md between the ``bench_engine`` markers.
+and print time ratios and max |d alpha| against WeightWatcher. With ``--write`` the tables are
+stored in docs/performance.md between the ``bench_engine`` markers.
 
-Run: ``python benchmarks/bench_engine.py [--layers 12] [--repeats 2] [--write]``
+Run: ``python benchmarks/bench_engine.py [--models gpt2-small gpt2-medium llama-1b] [--repeats 2] [--write]``
+(the 1.1B model takes about half an hour on 2 CPU cores, most of it WeightWatcher and svdvals).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import re
 import time
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from spectral_plugins import SpectralEngine, map_model
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "performance.md"
+try:  # run as a script (benchmarks/ on sys.path) or imported as benchmarks.bench_engine
+    from common import DOC, llama_shaped, machine, write_section
+except ImportError:  # pragma: no cover
+    from benchmarks.common import DOC, llama_shaped, machine, write_section
+
+MODELS = ("gpt2-small", "gpt2-medium", "llama-1b")
 
 
-def gpt2_small_matrices(n_layer: int) -> list[torch.Tensor]:
-    """The q, k, v, o, mlp_in, mlp_out matrices of a randomly initialised GPT-2 small."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+def block_matrices(name: str) -> list[torch.Tensor]:
+    """The matrices of the transformer blocks (q, k, v, o and MLP; no embeddings) of model ``name``."""
+    if name == "llama-1b":
+        model = llama_shaped("1B")
+    else:
+        from transformers import GPT2Config, GPT2LMHeadModel
 
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(n_layer=n_layer))
+        torch.manual_seed(0)
+        config = GPT2Config() if name == "gpt2-small" else GPT2Config(n_embd=1024, n_layer=24, n_head=16)
+        model = GPT2LMHeadModel(config)
     return [ref.weight().clone() for ref in map_model(model) if ref.depth is not None]
 
 
@@ -76,81 +83,88 @@ def best_time(function: Callable[[], object], repeats: int) -> tuple[float, obje
     return best, result
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=12, help="GPT-2 blocks (12 = GPT-2 small)")
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--write", action="store_true", help="store the table in docs/performance.md")
-    args = parser.parse_args()
-    warnings.filterwarnings("ignore")
-
-    matrices = gpt2_small_matrices(args.layers)
+def measure(name: str, repeats: int, skip: set[str]) -> dict[str, float]:
+    """Timings (seconds, best of ``repeats``; svdvals and WeightWatcher once) and max |d alpha|."""
+    matrices = block_matrices(name)
     model = as_linear_model(matrices)
     model_map = map_model(model)
-    timings: dict[str, float] = {}
-    timings["floor float64"], _ = best_time(lambda: floor(matrices, torch.float64), args.repeats)
-    timings["floor float32"], _ = best_time(lambda: floor(matrices, torch.float32), args.repeats)
-    timings["ours float64"], ours = best_time(lambda: SpectralEngine().analyze(model_map), args.repeats)
-    timings["ours float32"], ours32 = best_time(
-        lambda: SpectralEngine(dtype="float32").analyze(model_map), args.repeats)
-    timings["svdvals float64"], _ = best_time(lambda: svdvals_loop(matrices), 1)
-    d_alpha_ww = d_alpha_ww32 = float("nan")
-    try:
-        import weightwatcher
+    print(f"{name}: {len(matrices)} matrices", flush=True)
+    out: dict[str, float] = {"matrices": len(matrices),
+                             "parameters": sum(w.numel() for w in matrices)}
+    out["floor float64"], _ = best_time(lambda: floor(matrices, torch.float64), repeats)
+    out["floor float32"], _ = best_time(lambda: floor(matrices, torch.float32), repeats)
+    out["ours float64"], ours = best_time(lambda: SpectralEngine().analyze(model_map), repeats)
+    out["ours float32"], ours32 = best_time(
+        lambda: SpectralEngine(dtype="float32").analyze(model_map), repeats)
+    out["svdvals float64"] = float("nan")
+    if "svdvals" not in skip:
+        out["svdvals float64"], _ = best_time(lambda: svdvals_loop(matrices), 1)
+    out["weightwatcher"] = out["d alpha 64"] = out["d alpha 32"] = float("nan")
+    if "weightwatcher" not in skip:
+        try:
+            import weightwatcher
+        except ImportError:
+            print("weightwatcher not installed (pip install 'spectral-plugins[dev]'): skipping it")
+        else:
+            out["weightwatcher"], details = best_time(
+                lambda: weightwatcher.WeightWatcher(model=model).analyze(), 1)
+            theirs = details["alpha"].to_numpy()
+            out["d alpha 64"] = max(abs(a.alpha - b) for a, b in zip(ours.layers, theirs))
+            out["d alpha 32"] = max(abs(a.alpha - b) for a, b in zip(ours32.layers, theirs))
+    print("  " + ", ".join(f"{k} {v:.3g}" for k, v in out.items()), flush=True)
+    return out
 
-        timings["weightwatcher"], details = best_time(
-            lambda: weightwatcher.WeightWatcher(model=model).analyze(), 1)
-        theirs = details["alpha"].to_numpy()
-        d_alpha_ww = max(abs(a.alpha - b) for a, b in zip(ours.layers, theirs))
-        d_alpha_ww32 = max(abs(a.alpha - b) for a, b in zip(ours32.layers, theirs))
-    except ImportError:
-        print("weightwatcher not installed (pip install 'spectral-plugins[dev]'): skipping it")
 
-    ww = timings.get("weightwatcher", float("nan"))
-    rows = [
-        ("ours float64 / floor float64", timings["ours float64"] / timings["floor float64"]),
-        ("ours float32 / floor float32", timings["ours float32"] / timings["floor float32"]),
-        ("weightwatcher / ours float64", ww / timings["ours float64"]),
-        ("weightwatcher / ours float32", ww / timings["ours float32"]),
-        ("weightwatcher / floor float64", ww / timings["floor float64"]),
-        ("svdvals float64 / ours float64", timings["svdvals float64"] / timings["ours float64"]),
-    ]
-    machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=["gpt2-small", "gpt2-medium"])
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--skip", nargs="*", choices=("svdvals", "weightwatcher"), default=[],
+                        help="leave out the slow references")
+    parser.add_argument("--write", action="store_true", help="store the tables in docs/performance.md")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    results = {name: measure(name, args.repeats, set(args.skip)) for name in args.models}
+
+    timing_names = ("floor float64", "ours float64", "floor float32", "ours float32", "svdvals float64",
+                    "weightwatcher")
+    ratio_names = ("ours / floor, float64", "ours / floor, float32", "weightwatcher / ours, float64",
+                   "weightwatcher / ours, float32", "weightwatcher / floor, float64",
+                   "svdvals / ours, float64", "max abs(d alpha) vs WW, float64",
+                   "max abs(d alpha) vs WW, float32")
+
+    def ratios(r: dict[str, float]) -> tuple[float, ...]:
+        return (r["ours float64"] / r["floor float64"], r["ours float32"] / r["floor float32"],
+                r["weightwatcher"] / r["ours float64"], r["weightwatcher"] / r["ours float32"],
+                r["weightwatcher"] / r["floor float64"], r["svdvals float64"] / r["ours float64"],
+                r["d alpha 64"], r["d alpha 32"])
+
+    header = "| | " + " | ".join(args.models) + " |"
+    rule = "|---" * (len(args.models) + 1) + "|"
     lines = [
-        f"GPT-2-small-shaped blocks ({args.layers} layers, {len(matrices)} matrices, random init, seed 0); "
-        f"{machine}; best of {args.repeats}.",
+        f"Transformer-block matrices of randomly initialised models (seed 0); {machine()}; "
+        f"best of {args.repeats} (svdvals and WeightWatcher: one run); nan: not run.",
         "",
-        "| timing | seconds |",
-        "|---|---|",
-        *[f"| {name} | {seconds:.2f} |" for name, seconds in timings.items()],
+        header, rule,
+        "| matrices | " + " | ".join(f"{results[m]['matrices']:.0f}" for m in args.models) + " |",
+        "| parameters | " + " | ".join(f"{results[m]['parameters'] / 1e6:.0f}M" for m in args.models) + " |",
+        *[f"| {t} s | " + " | ".join(f"{results[m][t]:.2f}" for m in args.models) + " |"
+          for t in timing_names],
         "",
-        "| ratio | value |",
-        "|---|---|",
-        *[f"| {name} | {value:.2f} |" for name, value in rows],
-        f"| max abs(d alpha) vs WeightWatcher, float64 | {d_alpha_ww:.2g} |",
-        f"| max abs(d alpha) vs WeightWatcher, float32 | {d_alpha_ww32:.2g} |",
+        header, rule,
+        *[f"| {label} | " + " | ".join(
+            (f"{ratios(results[m])[i]:.2g}" if label.startswith("max") else f"{ratios(results[m])[i]:.2f}")
+            for m in args.models) + " |" for i, label in enumerate(ratio_names)],
         "",
-        f"Command: `python benchmarks/bench_engine.py --layers {args.layers} --repeats {args.repeats}"
-        " --write`",
+        "Command: `python benchmarks/bench_engine.py --models " + " ".join(args.models)
+        + f" --repeats {args.repeats}" + (" --skip " + " ".join(args.skip) if args.skip else "")
+        + " --write`",
     ]
     table = "\n".join(lines)
     print(table)
     if args.write:
-        write_section(DOC, "bench_engine", table)
+        write_section(DOC, "bench_engine", table, "Engine (bench_engine.py)")
         print(f"wrote {DOC}")
-
-
-def write_section(path: Path, name: str, body: str, title: str = "Engine (bench_engine.py)") -> None:
-    """Replace the text between ``<!-- name:start -->`` and ``<!-- name:end -->``, or append it
-    under a ``## title`` heading."""
-    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    text = path.read_text() if path.exists() else "# Performance\n"
-    block = f"{start}\n{body}\n{end}"
-    if start in text:
-        text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)
-    else:
-        text = text.rstrip() + f"\n\n## {title}\n\n{block}\n"
-    path.write_text(text)
 
 
 if __name__ == "__main__":

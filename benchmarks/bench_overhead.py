@@ -1,15 +1,18 @@
 """Training overhead of spectral snapshots: steps/s with no monitor, a synchronous and a background one.
 
-Every mode trains its own copy of the same model on the same batches; the modes take turns in
-windows of ``--window`` steps (round robin, ``--rounds`` times), so machine noise hits them alike,
-and the median window of each mode is compared with the median window without a monitor. A monitor
-snapshots every ``--every`` steps (the paper's 25), half a period out of phase with the window, so
-each window holds the same number of snapshots and its last one has time to finish inside it (each
-window ends by waiting for any snapshot still in flight, inside the timing).
+Every mode trains its own copy of the same model on the same batches. The modes take turns in
+windows of ``--window`` steps, ``--rounds`` times, the order reversed every other round (A B C, C B A,
+...), so a machine that speeds up or slows down over the run (a shared VM's does) hits every mode
+alike. Each round gives every mode a ratio of its window to that round's ``none`` window; the table
+shows the median of those ratios, and their spread (min..max) next to it. A monitor snapshots every
+``--every`` steps (the paper's 25), half a period out of phase with the window, so each window holds
+the same number of snapshots and its last one has time to finish inside it (each window ends by
+waiting for any snapshot still in flight, inside the timing).
 
 Modes: ``none``; ``synchronous`` (``BackgroundSnapshotter(synchronous=True)``: spectra computed inline);
 ``background`` (weights copied at the step boundary, spectra on a worker thread); ``background
-nice=10`` (the worker at lower CPU priority, Linux).
+nice=10`` (the worker at lower CPU priority, Linux); ``none-again`` (a second unmonitored copy, last:
+how far two identical modes differ on this machine, the noise floor any overhead is read against).
 
 Models: ``demo`` (default): the demo's character-level GPT (4 blocks, d_model 128) on the standard
 library's sources; ``gpt2-small``: a randomly initialised GPT-2 small on random tokens (for a GPU).
@@ -28,7 +31,6 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -37,15 +39,16 @@ from spectral_plugins import SpectralEngine, map_model
 from spectral_plugins.background import BackgroundSnapshotter
 
 try:  # run as a script (benchmarks/ on sys.path) or imported as benchmarks.bench_overhead
-    from bench_engine import DOC, write_section
+    from common import DOC, write_section
 except ImportError:  # pragma: no cover
-    from benchmarks.bench_engine import DOC, write_section
+    from benchmarks.common import DOC, write_section
 
 MODES: dict[str, dict[str, object] | None] = {
     "none": None,
     "synchronous": {"synchronous": True},
     "background": {},
     "background nice=10": {"nice": 10},
+    "none-again": None,  # a second unmonitored copy: its ratio to ``none`` is the noise floor
 }
 
 
@@ -130,8 +133,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch-size", type=int, default=None, help="default: 32 (demo), 8 (gpt2-small)")
     parser.add_argument("--every", type=int, default=25, help="snapshot period in steps")
-    parser.add_argument("--window", type=int, default=100, help="steps per timed window")
-    parser.add_argument("--rounds", type=int, default=3, help="windows per mode (round robin)")
+    parser.add_argument("--window", type=int, default=50, help="steps per timed window")
+    parser.add_argument("--rounds", type=int, default=8, help="windows per mode (order reversed each round)")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--write", action="store_true", help="store the table in docs/performance.md")
@@ -155,20 +158,21 @@ def main() -> None:
     for run in runs:  # warm-up: allocator, kernels, snapshot buffers; not timed
         train_window(run, streams[run.name], args.every, args.every, device)
         run.windows.clear()
-    for _ in range(args.rounds):
-        for run in runs:
+    for round_index in range(args.rounds):
+        for run in runs if round_index % 2 == 0 else runs[::-1]:
             train_window(run, streams[run.name], args.window, args.every, device)
 
-    baseline = statistics.median(runs[0].windows) if runs[0].name == "none" else float("nan")
+    baseline = runs[0].windows if runs[0].name == "none" else [float("nan")] * args.rounds
     rows = []
     for run in runs:
-        median = statistics.median(run.windows)
+        ratios = [window / base for window, base in zip(run.windows, baseline)]
+        ratio = statistics.median(ratios)
         stats = run.snapshotter.stats if run.snapshotter else None
         snapshot_s = stats.compute_seconds / stats.completed if stats and stats.completed else float("nan")
         submit_ms = 1e3 * stats.copy_seconds / stats.submitted if stats and stats.submitted else float("nan")
-        rows.append(f"| {run.name} | {args.window / median:.2f} | {median / baseline:.3f} | "
-                    f"{100 * (median / baseline - 1):+.1f}% | {snapshot_s:.3f} | {submit_ms:.2f} | "
-                    f"{stats.skipped if stats else 0} |")
+        rows.append(f"| {run.name} | {args.window / statistics.median(run.windows):.2f} | {ratio:.3f} | "
+                    f"{100 * (ratio - 1):+.1f}% | {min(ratios):.3f}..{max(ratios):.3f} | {snapshot_s:.3f} | "
+                    f"{submit_ms:.2f} | {stats.skipped if stats else 0} |")
         if run.snapshotter is not None:
             run.snapshotter.close()
     machine = (f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
@@ -177,31 +181,28 @@ def main() -> None:
     n_params = sum(p.numel() for p in base.parameters())
     lines = [
         f"Model `{args.model}` ({n_params / 1e6:.1f}M parameters, {len(map_model(base))} matrices), batch "
-        f"{batch_size}, snapshot every {args.every} steps; {args.rounds} interleaved windows of "
-        f"{args.window} steps per mode, median; {machine}.",
+        f"{batch_size}, snapshot every {args.every} steps; {args.rounds} rounds of one {args.window}-step "
+        f"window per mode (order reversed each round); time / none: median over rounds of the window's "
+        f"ratio to that round's `none` window; {machine}.",
         "",
-        "| mode | steps/s | time / none | overhead | s per snapshot | ms per submit | skipped |",
-        "|---|---|---|---|---|---|---|",
+        "| mode | steps/s | time / none | overhead | time / none, min..max | s per snapshot | "
+        "ms per submit | skipped |",
+        "|---|---|---|---|---|---|---|---|",
         *rows,
         "",
         f"Command: `python benchmarks/bench_overhead.py --model {args.model} --device {device.type} "
         f"--window {args.window} --rounds {args.rounds}"
+        + (" --modes " + " ".join(f"'{m}'" if " " in m else m for m in args.modes)
+           if args.modes != list(MODES) else "")
         + (f" --threads {args.threads}" if args.threads else "") + " --write`",
     ]
     table = "\n".join(lines)
     print(table)
     if args.write:
         name = f"bench_overhead_{args.model}_{device.type}"
-        ensure_section(DOC, name, f"Training overhead, {args.model} on {device.type} (bench_overhead.py)")
-        write_section(DOC, name, table)
+        title = f"Training overhead, {args.model} on {device.type} (bench_overhead.py)"
+        write_section(DOC, name, table, title)
         print(f"wrote {DOC}")
-
-
-def ensure_section(path: Path, name: str, title: str) -> None:
-    """Append an empty ``## title`` section with ``name`` markers unless the file already has them."""
-    text = path.read_text() if path.exists() else "# Performance\n"
-    if f"<!-- {name}:start -->" not in text:
-        path.write_text(text.rstrip() + f"\n\n## {title}\n\n<!-- {name}:start -->\n<!-- {name}:end -->\n")
 
 
 if __name__ == "__main__":

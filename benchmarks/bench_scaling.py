@@ -16,9 +16,7 @@ Run: ``python benchmarks/bench_scaling.py [--sizes 30M 125M 350M] [--with-1b] [-
 from __future__ import annotations
 
 import argparse
-import os
 import pickle
-import platform
 import tempfile
 import time
 import warnings
@@ -28,74 +26,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch import nn
 
 from spectral_plugins import SpectralEngine, map_model
 from spectral_plugins.distributed import DistributedAnalyzer, matrix_cost, plan
 
 try:  # run as a script (benchmarks/ on sys.path) or imported as benchmarks.bench_scaling
-    from bench_engine import DOC, write_section
-    from bench_overhead import ensure_section
+    from common import DOC, LLAMA_CONFIGS, llama_shaped, machine, write_section
 except ImportError:  # pragma: no cover
-    from benchmarks.bench_engine import DOC, write_section
-    from benchmarks.bench_overhead import ensure_section
-
-# name: (hidden, intermediate, layers, heads, key/value heads, vocabulary)
-CONFIGS: dict[str, tuple[int, int, int, int, int, int]] = {
-    "30M": (384, 1024, 6, 6, 6, 32000),
-    "125M": (768, 2048, 12, 12, 12, 32000),
-    "350M": (1024, 2816, 24, 16, 8, 32000),
-    "1B": (2048, 5632, 22, 32, 4, 32000),  # TinyLlama-1.1B
-}
-
-
-class _Attention(nn.Module):
-    def __init__(self, hidden: int, heads: int, kv_heads: int) -> None:
-        super().__init__()
-        self.num_heads, self.num_key_value_heads, self.head_dim = heads, kv_heads, hidden // heads
-        self.q_proj = nn.Linear(hidden, hidden, bias=False)
-        self.k_proj = nn.Linear(hidden, kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(hidden, kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(hidden, hidden, bias=False)
-
-
-class _MLP(nn.Module):
-    def __init__(self, hidden: int, intermediate: int) -> None:
-        super().__init__()
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
-
-
-class _Layer(nn.Module):
-    def __init__(self, hidden: int, intermediate: int, heads: int, kv_heads: int) -> None:
-        super().__init__()
-        self.self_attn = _Attention(hidden, heads, kv_heads)
-        self.mlp = _MLP(hidden, intermediate)
-
-
-class LlamaShaped(nn.Module):
-    """The weight matrices of a Llama model (names as in Hugging Face), no forward: all a snapshot reads."""
-
-    def __init__(self, hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int,
-                 vocab: int) -> None:
-        super().__init__()
-        self.embed_tokens = nn.Embedding(vocab, hidden)
-        self.layers = nn.ModuleList([_Layer(hidden, intermediate, heads, kv_heads) for _ in range(layers)])
-        self.lm_head = nn.Linear(hidden, vocab, bias=False)
-
-
-def llama_shaped(name: str, seed: int = 0) -> LlamaShaped:
-    """A Llama-shaped model of config ``name`` with N(0, 0.02) weights (built on meta, then filled)."""
-    with torch.device("meta"):
-        model = LlamaShaped(*CONFIGS[name])
-    model = model.to_empty(device="cpu")
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.normal_(0.0, 0.02, generator=generator)
-    return model
-
+    from benchmarks.common import DOC, LLAMA_CONFIGS, llama_shaped, machine, write_section
 
 def size_table(names: list[str], dtype: str | None, repeats: int, device: torch.device) -> str:
     engine = SpectralEngine(dtype=dtype)
@@ -181,21 +119,16 @@ def ranks_table(name: str, worlds: list[int], threads: int, repeats: int) -> str
     return "\n".join(lines)
 
 
-def machine(device: torch.device | None = None) -> str:
-    gpu = f", {torch.cuda.get_device_name(device)}" if device is not None and device.type == "cuda" else ""
-    return f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}{gpu}"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", nargs="*", default=["30M", "125M", "350M"], choices=list(CONFIGS))
+    parser.add_argument("--sizes", nargs="*", default=["30M", "125M", "350M"], choices=list(LLAMA_CONFIGS))
     parser.add_argument("--with-1b", action="store_true", help="add the 1.1B model (minutes on CPU)")
     parser.add_argument("--dtype", choices=("float64", "float32"), default=None,
                         help="engine dtype (default: the engine's, float64 on CPU, float32 on GPU)")
     parser.add_argument("--device", default="cpu", help="where the size part's weights live (cuda for GPU)")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--ranks", nargs="*", type=int, default=[1, 2, 4])
-    parser.add_argument("--ranks-model", choices=list(CONFIGS), default="125M")
+    parser.add_argument("--ranks-model", choices=list(LLAMA_CONFIGS), default="125M")
     parser.add_argument("--threads", type=int, default=None, help="torch threads of the size part")
     parser.add_argument("--threads-per-rank", type=int, default=1)
     parser.add_argument("--write", action="store_true", help="store the tables in docs/performance.md")
@@ -224,8 +157,7 @@ def main() -> None:
         body = f"{table}\n\nCommand: `{command}`"
         print(f"\n{body}")
         if args.write:
-            ensure_section(DOC, name, title)
-            write_section(DOC, name, body)
+            write_section(DOC, name, body, title)
     if args.write:
         print(f"wrote {DOC}")
 
