@@ -1,18 +1,20 @@
 """Training overhead of spectral snapshots: steps/s with no monitor, a synchronous and a background one.
 
-Every mode trains its own copy of the same model on the same batches. The modes take turns in
-windows of ``--window`` steps, ``--rounds`` times, the order reversed every other round (A B C, C B A,
-...), so a machine that speeds up or slows down over the run (a shared VM's does) hits every mode
-alike. Each round gives every mode a ratio of its window to that round's ``none`` window; the table
-shows the median of those ratios, and their spread (min..max) next to it. A monitor snapshots every
-``--every`` steps (the paper's 25), half a period out of phase with the window, so each window holds
-the same number of snapshots and its last one has time to finish inside it (each window ends by
-waiting for any snapshot still in flight, inside the timing).
+Every mode trains its own copy of the same model on the same batches, with the monitor users run:
+a :class:`~spectral_plugins.tracker.SpectralTracker` (no publishers, lifecycle history on, default
+settings, so one torch thread per snapshot on CPU). The modes take turns in windows of ``--window``
+steps, ``--rounds`` times, the order reversed every other round (A B C, C B A, ...), so a machine
+that speeds up or slows down over the run (a shared VM's does) hits every mode alike. Each round gives
+every mode a ratio of its window to that round's ``none`` window; the table shows the median of those
+ratios and their spread. A snapshot is due every ``--every`` steps (the paper's 25); windows start
+half a period out of phase, so each holds the same number of snapshots and the last one has time to
+finish inside it; each window ends with ``tracker.flush()`` (waiting for a snapshot in flight),
+inside the timing.
 
-Modes: ``none``; ``synchronous`` (``BackgroundSnapshotter(synchronous=True)``: spectra computed inline);
-``background`` (weights copied at the step boundary, spectra on a worker thread); ``background
-nice=10`` (the worker at lower CPU priority, Linux); ``none-again`` (a second unmonitored copy, last:
-how far two identical modes differ on this machine, the noise floor any overhead is read against).
+Modes: ``none``; ``synchronous`` (spectra computed in ``tracker.step``); ``background``
+(``background=True``: weights copied at the step boundary, spectra on a worker thread); ``none-again``
+(a second unmonitored copy, last: how far two identical modes differ on this machine, the noise floor
+any overhead is read against).
 
 Models: ``demo`` (default): the demo's character-level GPT (4 blocks, d_model 128) on the standard
 library's sources; ``gpt2-small``: a randomly initialised GPT-2 small on random tokens (for a GPU).
@@ -35,8 +37,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from spectral_plugins import SpectralEngine, map_model
-from spectral_plugins.background import BackgroundSnapshotter
+from spectral_plugins import SpectralTracker, map_model
 
 try:  # run as a script (benchmarks/ on sys.path) or imported as benchmarks.bench_overhead
     from common import DOC, write_section
@@ -45,23 +46,23 @@ except ImportError:  # pragma: no cover
 
 MODES: dict[str, dict[str, object] | None] = {
     "none": None,
-    "synchronous": {"synchronous": True},
-    "background": {},
-    "background nice=10": {"nice": 10},
+    "synchronous": {"background": False},
+    "background": {"background": True},
     "none-again": None,  # a second unmonitored copy: its ratio to ``none`` is the noise floor
 }
 
 
 @dataclass
 class Run:
-    """One mode: its model, optimizer, snapshotter and window timings."""
+    """One mode: its model, optimizer, tracker and window timings."""
 
     name: str
     model: nn.Module
     optimizer: torch.optim.Optimizer
-    snapshotter: BackgroundSnapshotter | None
+    tracker: SpectralTracker | None
     windows: list[float] = field(default_factory=list)
     step: int = 0
+    monitor_seconds: float = 0.0  # time spent inside tracker.step / flush on the training thread
 
 
 def demo_setup(device: torch.device, batch_size: int) -> tuple[nn.Module, Callable[[], Iterator]]:
@@ -106,8 +107,8 @@ def gpt2_setup(device: torch.device, batch_size: int) -> tuple[nn.Module, Callab
     return Wrapped(), batches
 
 
-def train_window(run: Run, batches: Iterator, steps: int, every: int, device: torch.device) -> None:
-    """``steps`` optimizer steps (snapshot when ``step % every == every // 2``), timed."""
+def train_window(run: Run, batches: Iterator, steps: int, device: torch.device) -> None:
+    """``steps`` optimizer steps, each followed by ``tracker.step``, then ``tracker.flush()``; timed."""
     start = time.perf_counter()
     for _ in range(steps):
         x, y = next(batches)
@@ -116,12 +117,14 @@ def train_window(run: Run, batches: Iterator, steps: int, every: int, device: to
         loss.backward()
         run.optimizer.step()
         run.step += 1
-        if run.snapshotter is not None:
-            if run.step % every == every // 2:
-                run.snapshotter.submit(run.step)
-            run.snapshotter.poll()
-    if run.snapshotter is not None:
-        run.snapshotter.drain()
+        if run.tracker is not None:
+            entered = time.perf_counter()
+            run.tracker.step(run.step)
+            run.monitor_seconds += time.perf_counter() - entered
+    if run.tracker is not None:
+        entered = time.perf_counter()
+        run.tracker.flush()
+        run.monitor_seconds += time.perf_counter() - entered
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     run.windows.append(time.perf_counter() - start)
@@ -151,30 +154,33 @@ def main() -> None:
     for name in args.modes:
         model = copy.deepcopy(base)
         options = MODES[name]
-        snapshotter = None if options is None else BackgroundSnapshotter(
-            SpectralEngine(), map_model(model), **options)  # type: ignore[arg-type]
-        runs.append(Run(name, model, torch.optim.AdamW(model.parameters(), lr=3e-4), snapshotter))
+        tracker = None if options is None else SpectralTracker(
+            model, every_n_steps=args.every, heatmap=False, **options)  # type: ignore[arg-type]
+        runs.append(Run(name, model, torch.optim.AdamW(model.parameters(), lr=3e-4), tracker))
     streams = {run.name: make_batches() for run in runs}
-    for run in runs:  # warm-up: allocator, kernels, snapshot buffers; not timed
-        train_window(run, streams[run.name], args.every, args.every, device)
+    for run in runs:  # warm-up (allocator, kernels, snapshot buffers), ending half a period out of phase
+        train_window(run, streams[run.name], args.every + args.every // 2, device)
         run.windows.clear()
+        run.monitor_seconds = 0.0
     for round_index in range(args.rounds):
         for run in runs if round_index % 2 == 0 else runs[::-1]:
-            train_window(run, streams[run.name], args.window, args.every, device)
+            train_window(run, streams[run.name], args.window, device)
 
     baseline = runs[0].windows if runs[0].name == "none" else [float("nan")] * args.rounds
+    snapshots_per_window = args.window / args.every
     rows = []
     for run in runs:
         ratios = [window / base for window, base in zip(run.windows, baseline)]
         ratio = statistics.median(ratios)
-        stats = run.snapshotter.stats if run.snapshotter else None
-        snapshot_s = stats.compute_seconds / stats.completed if stats and stats.completed else float("nan")
-        submit_ms = 1e3 * stats.copy_seconds / stats.submitted if stats and stats.submitted else float("nan")
+        snapshots = args.rounds * snapshots_per_window
+        on_path_ms = 1e3 * run.monitor_seconds / snapshots if run.tracker else float("nan")
+        stats = run.tracker.snapshotter.stats if run.tracker and run.tracker.snapshotter else None
+        worker_s = stats.compute_seconds / stats.completed if stats and stats.completed else float("nan")
         rows.append(f"| {run.name} | {args.window / statistics.median(run.windows):.2f} | {ratio:.3f} | "
-                    f"{100 * (ratio - 1):+.1f}% | {min(ratios):.3f}..{max(ratios):.3f} | {snapshot_s:.3f} | "
-                    f"{submit_ms:.2f} | {stats.skipped if stats else 0} |")
-        if run.snapshotter is not None:
-            run.snapshotter.close()
+                    f"{100 * (ratio - 1):+.1f}% | {min(ratios):.3f}..{max(ratios):.3f} | {on_path_ms:.1f} | "
+                    f"{worker_s:.3f} | {stats.skipped if stats else 0} |")
+        if run.tracker is not None:
+            run.tracker.close()
     machine = (f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
                f"torch {torch.__version__}, device {device}"
                + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
@@ -185,8 +191,8 @@ def main() -> None:
         f"window per mode (order reversed each round); time / none: median over rounds of the window's "
         f"ratio to that round's `none` window; {machine}.",
         "",
-        "| mode | steps/s | time / none | overhead | time / none, min..max | s per snapshot | "
-        "ms per submit | skipped |",
+        "| mode | steps/s | time / none | overhead | time / none, min..max | "
+        "ms on the training thread per snapshot | s per snapshot on the worker | skipped |",
         "|---|---|---|---|---|---|---|---|",
         *rows,
         "",

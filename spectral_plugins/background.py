@@ -104,6 +104,10 @@ class BackgroundSnapshotter:
         pin_memory: pin host buffers that receive CUDA weights (needed for asynchronous copies).
         nice: on Linux, raise the worker thread's nice value by this much (its OpenMP threads inherit
             it), so on a busy CPU the training threads get priority; 0 leaves it unchanged.
+        threads: torch CPU threads of the worker thread. A new thread does not inherit
+            ``torch.set_num_threads`` (OpenMP keeps the setting per thread), so by default (None) the
+            worker takes the count of the thread that first submits, and computes exactly what a
+            synchronous snapshot there would (the thread count changes the last bits of BLAS results).
 
     The buffers are allocated on the first :meth:`submit` (and again only if a parameter changes
     shape, dtype or device) and cost one copy of the analysed weights.
@@ -117,8 +121,12 @@ class BackgroundSnapshotter:
         buffer_device: str | torch.device | None = None,
         pin_memory: bool = True,
         nice: int = 0,
+        threads: int | None = None,
     ) -> None:
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise ValueError(f"threads must be None or an integer >= 1, got {threads!r}")
         self.engine = engine
+        self.threads = threads
         self.model_map = model_map
         self.synchronous = synchronous
         self.buffer_device = torch.device(buffer_device) if buffer_device is not None else None
@@ -182,8 +190,9 @@ class BackgroundSnapshotter:
             return False
         self._count(submitted=1, copy_seconds=time.perf_counter() - started)
         if self._executor is None:
+            threads = self.threads or torch.get_num_threads()
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spectral-snapshot",
-                                                initializer=self._init_worker)
+                                                initializer=self._init_worker, initargs=(threads,))
         self._future = self._executor.submit(self._compute, self._shadow, step, events)
         self._future_step = step
         return True
@@ -270,7 +279,8 @@ class BackgroundSnapshotter:
         return tuple(events)
 
     # ------------------------------------------------------------------ computing
-    def _init_worker(self) -> None:
+    def _init_worker(self, threads: int) -> None:
+        torch.set_num_threads(threads)
         if self.nice and hasattr(os, "setpriority"):
             try:
                 thread = threading.get_native_id()

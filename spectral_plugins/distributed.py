@@ -150,7 +150,6 @@ class DistributedAnalyzer:
     def _analyze_map(self, model_map: ModelMap, step: int | None) -> Snapshot | None:
         started = time.perf_counter()
         world, rank = dist.get_world_size(self.group), dist.get_rank(self.group)
-        dst_global = self._global(self.dst)
         units = plan(model_map, world)
         mine = [unit for unit in units if unit.owner == rank]
         full, bad = _materialise(units, rank, self.group)  # collectives: the same on every rank
@@ -165,6 +164,44 @@ class DistributedAnalyzer:
         if bad:
             share = replace(share, bad_names=tuple(r.name for i in bad for r in units[i].refs),
                             error=share.error or f"could not send its shard of {len(bad)} matrices")
+        return self._gather(model_map, share, step, started)
+
+    def local_share(self, model_map: ModelMap) -> ModelMap:
+        """This rank's share of a map whose weights are replicated on every rank (DDP, or no wrapper):
+        the matrices it computes, viewing the live weights. For a background worker that computes the
+        share between steps (then :meth:`gather_share` at a later step, on every rank).
+
+        Raises:
+            ValueError: the map holds sharded (DTensor / FSDP) weights, which need the collectives
+                of :meth:`analyze` to be materialised.
+        """
+        types = _dtensor_types()
+        if types is not None and any(isinstance(ref.source, types[0]) for ref in model_map.matrices):
+            raise ValueError("the model's weights are sharded (DTensor / FSDP); a rank cannot compute its "
+                             "share from local weights: use DistributedAnalyzer.analyze")
+        world, rank = dist.get_world_size(self.group), dist.get_rank(self.group)
+        refs = tuple(ref for unit in plan(model_map, world) if unit.owner == rank for ref in unit.refs)
+        return replace(model_map, matrices=refs)
+
+    def gather_share(self, model_map: ModelMap, share: Snapshot | None, step: int | None,
+                     error: str | None = None) -> Snapshot | None:
+        """Collective: every rank's snapshot of its :meth:`local_share` of ``model_map`` (None, with
+        ``error``, when its computation failed) to ``dst``, which returns the assembled snapshot of
+        the whole map tagged ``step``; None on the other ranks."""
+        started = time.perf_counter()
+        rank = dist.get_rank(self.group)
+        if share is not None:
+            sent = _Share(rank, share.layers, share.dtype, share.device, share.seconds)
+        elif self.local_share(model_map).matrices:
+            sent = _Share(rank, error=error or "its share was not computed")
+        else:
+            sent = _Share(rank)  # it owns nothing (more ranks than source tensors)
+        return self._gather(model_map, sent, step, started)
+
+    def _gather(self, model_map: ModelMap, share: _Share, step: int | None,
+                started: float) -> Snapshot | None:
+        world = dist.get_world_size(self.group)
+        dst_global = self._global(self.dst)
         gathered: list[_Share | None] | None = [None] * world if dist.get_rank() == dst_global else None
         dist.gather_object(share, gathered, dst=dst_global, group=self.group)
         if gathered is None:

@@ -18,7 +18,10 @@
   (:class:`~spectral_plugins.mlflow.MlflowPublisher`), recognised by class name in both
   ``lightning.pytorch.loggers`` and ``pytorch_lightning.loggers``, and with
   ``logger.log_metrics(scalars, step=global_step)`` to any other logger (``CSVLogger``);
-- only global rank zero computes and publishes;
+- under DDP / FSDP2 (a process group of more than one rank) every rank computes its cost-balanced
+  share of each snapshot and global rank zero assembles and publishes
+  (:class:`~spectral_plugins.distributed.DistributedAnalyzer`); ``distributed=False`` leaves all the
+  work to rank zero;
 - ``state_dict`` / ``load_state_dict`` carry the tracker's history and last step through
   Lightning checkpoints, so a resumed fit continues its series without gaps or repeated steps;
 - at fit end it publishes the run summary to every logger and logs it to the console.
@@ -144,6 +147,10 @@ class SpectralMonitor(*_callback_bases()):  # type: ignore[misc]
             most one in flight, a due step reached meanwhile is skipped and counted (see
             :class:`~spectral_plugins.tracker.SpectralTracker`). Checkpoints and the fit-end summary
             wait for the snapshot in flight.
+        distributed: under a multi-rank strategy, share each snapshot across the ranks (None, the
+            default: whenever ``trainer.world_size > 1`` with torch.distributed initialised); False:
+            rank zero computes everything alone. DDP and FSDP2 (``ModelParallelStrategy``) weights;
+            ``FSDPStrategy`` (FSDP1's flat parameters) is not supported.
 
     Raises:
         ValueError: ``every_n_steps < 1`` or an unknown metric name.
@@ -163,6 +170,7 @@ class SpectralMonitor(*_callback_bases()):  # type: ignore[misc]
         attention: bool | Mapping[str, Any] = False,
         threads: int | None = 1,
         background: bool = False,
+        distributed: bool | None = None,
     ) -> None:
         super().__init__()
         if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
@@ -177,6 +185,7 @@ class SpectralMonitor(*_callback_bases()):  # type: ignore[misc]
             every_n_steps=every_n_steps, metrics=metrics, include=include, exclude=exclude, roles=roles,
             method=method, heatmap=publish_heatmaps, history=history, attention=attention, threads=threads,
             background=background)
+        self.distributed = distributed
         self.every_n_steps = every_n_steps
         self.extra_publishers = tuple(extra_publishers)
         self.tracker: SpectralTracker | None = None
@@ -187,12 +196,15 @@ class SpectralMonitor(*_callback_bases()):  # type: ignore[misc]
     # ------------------------------------------------------------------ hooks
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         """Map the model, attach a publisher per logger, restore a checkpointed state, snapshot step 0."""
-        if not trainer.is_global_zero:
+        shared = self._shares_work(trainer)
+        if not trainer.is_global_zero and not shared:
             return
         state = self._pending_state or (self.tracker.state_dict() if self.tracker is not None else None)
-        publishers = [p for p in map(_publisher_or_none, trainer.loggers) if p is not None]
-        publishers += self.extra_publishers
-        self.tracker = SpectralTracker(pl_module, publishers=publishers, **self.options)
+        publishers: list[Publisher] = []
+        if trainer.is_global_zero:
+            publishers = [p for p in map(_publisher_or_none, trainer.loggers) if p is not None]
+            publishers += self.extra_publishers
+        self.tracker = SpectralTracker(pl_module, publishers=publishers, distributed=shared, **self.options)
         if state:
             self.tracker.load_state_dict(state)
         self._pending_state = None
@@ -206,13 +218,21 @@ class SpectralMonitor(*_callback_bases()):  # type: ignore[misc]
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         """Publish the run summary to every logger and the console (last snapshot at the final step)."""
-        if self.tracker is not None and trainer.is_global_zero:
+        if self.tracker is not None:  # on every rank that has one (a collective when they share work)
             self.summary = self.tracker.finish(step=trainer.global_step)
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         """Flush and close the publishers (no summary: the fit did not finish)."""
         if self.tracker is not None:
             self.tracker.close()
+
+    def _shares_work(self, trainer: Any) -> bool:
+        """Whether the ranks share each snapshot: ``distributed`` unless None, else whether the
+        trainer runs more than one process under an initialised torch.distributed group."""
+        import torch.distributed as dist
+
+        initialised = dist.is_available() and dist.is_initialized() and int(trainer.world_size) > 1
+        return initialised if self.distributed is None else bool(self.distributed) and initialised
 
     def _observe(self, trainer: Any) -> None:
         if self.tracker is None:

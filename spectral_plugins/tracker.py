@@ -23,10 +23,12 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from .analyses import Analysis, AnalysisOutput, AttentionAnalysis, default_analyses, fmt
 from .background import BackgroundSnapshotter
+from .distributed import DistributedAnalyzer
 from .engine import SpectralEngine
 from .metrics import validate_metric_names
 from .model_map import ModelMap, map_model
@@ -69,8 +71,8 @@ class SpectralTracker:
             None keeps the current setting. One thread is the default because the CPU eigensolver on
             matrices up to ~2k wide spends far more CPU multi-threaded, catastrophically so on a
             busy machine (measured 250x at 512 x 512 with two threads on two shared cores).
-            With ``background=True`` it applies to the analyses; the spectra are computed on the
-            snapshot worker thread with torch's own setting.
+            With ``background=True`` it applies to the snapshot worker thread too (None: the
+            training thread's count), so both modes compute the same bits.
         background: compute the spectra off the training path: a due :meth:`step` copies the weights
             into reused buffers and a worker thread computes the snapshot
             (:class:`~spectral_plugins.background.BackgroundSnapshotter`); each finished snapshot is
@@ -78,6 +80,17 @@ class SpectralTracker:
             :meth:`state_dict`, which wait for the one in flight). At most one snapshot is in flight:
             a due step reached while one is running is skipped and counted
             (``tracker.snapshotter.stats.skipped``). The metrics equal the synchronous ones.
+        distributed: share the work across the ranks of ``torch.distributed`` (a
+            :class:`~spectral_plugins.distributed.DistributedAnalyzer`): None (default) when a
+            process group with more than one rank is initialised. Then *every* rank constructs a
+            tracker and calls :meth:`step`, :meth:`finish` (and :meth:`state_dict`) at the same steps;
+            each computes its cost-balanced share and rank 0 assembles, analyses and publishes
+            (publishers on the other ranks are never called; their :meth:`step` and :meth:`finish`
+            return None). DDP and FSDP2 (DTensor) weights; FSDP1 is not supported here. With
+            ``background=True`` (replicated weights only) each rank computes its share on its worker
+            thread and the shares are gathered at the next due step (or at :meth:`finish` /
+            :meth:`state_dict`), so a snapshot is published one period after its step; a rank whose
+            share is still computing then is waited for (skipping needs every rank to agree).
 
     Raises:
         ValueError: ``every_n_steps < 1``, an unknown metric name, or a bad option.
@@ -100,6 +113,7 @@ class SpectralTracker:
         device: str | None = None,
         threads: int | None = 1,
         background: bool = False,
+        distributed: bool | None = None,
     ) -> None:
         if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
             raise ValueError(f"every_n_steps must be an integer >= 1, got {every_n_steps!r}")
@@ -128,10 +142,26 @@ class SpectralTracker:
         self._config_published = False
         self._failed_analyses: set[str] = set()
         self.snapshot_failures = 0
+        self.analyzer = DistributedAnalyzer(self.engine) if _use_distributed(distributed) else None
+        # Rank 0 analyses and publishes; the other ranks of a distributed tracker only compute shares.
+        self.is_main = self.analyzer is None or dist.get_rank() == 0
+        self._analyzed = False  # whether this process took any snapshot (the same on every rank)
         self.background = bool(background)
-        # The worker of background mode (None when synchronous, and again once closed).
-        self.snapshotter: BackgroundSnapshotter | None = (
-            BackgroundSnapshotter(self.engine, self.model_map) if self.background else None)
+        # The worker of background mode (None when synchronous, and again once closed); under
+        # torch.distributed it computes this rank's share only.
+        self.snapshotter: BackgroundSnapshotter | None = None
+        if self.background:
+            work_map: ModelMap | None = self.model_map
+            if self.analyzer is not None:
+                try:
+                    work_map = self.analyzer.local_share(self.model_map)
+                except ValueError as error:  # sharded weights are materialised by collectives
+                    warnings.warn(f"spectral-plugins: background=True is not available here ({error}); "
+                                  "each rank computes its share synchronously instead",
+                                  RuntimeWarning, stacklevel=2)
+                    work_map, self.background = None, False
+            if work_map is not None:
+                self.snapshotter = BackgroundSnapshotter(self.engine, work_map, threads=threads)
         self._last_submitted: int | None = None  # the last step handed to the snapshotter
 
     def _heatmap_metrics(self, heatmap: bool | Sequence[str]) -> tuple[str, ...]:
@@ -172,6 +202,8 @@ class SpectralTracker:
             "model_type": str(self.model_map.model_type),
             "analyses": ",".join(a.name for a in self.analyses) or "none",
             "threads": "unchanged" if self.threads is None else self.threads,
+            "background": self.background,
+            "ranks": dist.get_world_size() if self.analyzer is not None else 1,
         }
 
     # ------------------------------------------------------------------ stepping
@@ -200,6 +232,8 @@ class SpectralTracker:
         if self.snapshotter is not None:
             latest = self._latest_step()
             due = self.should_snapshot(step) or (force and (latest is None or step > latest))
+            if self.analyzer is not None:
+                return self._step_distributed_background(step) if due else None
             if due and self.snapshotter.submit(step):
                 self._last_submitted = step
             return self._publish_ready(self.snapshotter.poll())
@@ -208,9 +242,40 @@ class SpectralTracker:
             return None
         with cpu_threads(self.threads):
             snapshot = self._analyze(step)
+        self._analyzed = True
+        if self.analyzer is not None:
+            self.last_step = step  # on every rank, so all of them agree on the next due step
         if snapshot is None:
             return None
         return self._publish(snapshot)
+
+    def _step_distributed_background(self, step: int) -> StepReport | None:
+        """A due step under torch.distributed with background shares: gather the shares of the
+        previous submission (waiting for this rank's worker), then submit this step's share."""
+        report = self._gather_pending()
+        assert self.snapshotter is not None
+        self.snapshotter.submit(step)  # idle after the gather, so never skipped; failures are reported
+        self._last_submitted = step  # on every rank, even if the copy failed (the gather must happen)
+        return report
+
+    def _gather_pending(self) -> StepReport | None:
+        """Distributed background mode, collective: the shares of the submitted step to rank 0,
+        which publishes the assembled snapshot. None on the other ranks or when nothing is pending."""
+        if self._last_submitted is None or self.snapshotter is None or self.analyzer is None:
+            return None
+        pending, self._last_submitted = self._last_submitted, None
+        finished = [s for s in self.snapshotter.drain() if s.step == pending]
+        error = self.snapshotter.last_error
+        reason = None if finished else (f"{type(error).__name__}: {error}" if error else None)
+        try:
+            snapshot = self.analyzer.gather_share(self.model_map, finished[-1] if finished else None,
+                                                  pending, error=reason)
+        except Exception as error:  # noqa: BLE001 - monitoring must never break training
+            self._warn_snapshot_failed(pending, error)
+            snapshot = None
+        self._analyzed = True
+        self.last_step = pending
+        return None if snapshot is None else self._publish(snapshot)
 
     def _publish_ready(self, snapshots: Sequence[Snapshot]) -> StepReport | None:
         """Publish finished background snapshots in step order (any at or before the last published
@@ -221,9 +286,13 @@ class SpectralTracker:
                 report = self._publish(snapshot)
         return report
 
-    def _drain(self, timeout: float | None = None) -> None:
-        """Background mode: wait for the snapshot in flight and publish every finished one."""
-        if self.snapshotter is not None:
+    def flush(self, timeout: float | None = None) -> None:
+        """Background mode: wait (up to ``timeout`` seconds) for the snapshot in flight and publish
+        every finished one; synchronous mode: nothing. Under torch.distributed this gathers the
+        pending shares, a collective: call it on every rank."""
+        if self.snapshotter is not None and self.analyzer is not None:
+            self._gather_pending()
+        elif self.snapshotter is not None:
             self._publish_ready(self.snapshotter.drain(timeout))
 
     def _publish(self, snapshot: Snapshot) -> StepReport:
@@ -251,18 +320,23 @@ class SpectralTracker:
         return report
 
     def _analyze(self, step: int) -> Snapshot | None:
-        """The snapshot at ``step``, or None (with a warning the first time) if the engine fails."""
+        """The snapshot at ``step``, or None (with a warning the first time) if the engine fails.
+        Under torch.distributed a collective: the snapshot on rank 0, None on the others."""
         try:
+            if self.analyzer is not None:
+                return self.analyzer.analyze(self.model_map, step=step)
             return self.engine.analyze(self.model_map, step=step)
         except Exception as error:  # noqa: BLE001 - monitoring must never break training
-            self.snapshot_failures += 1
-            log.debug("snapshot at step %s failed", step, exc_info=True)
-            if self.snapshot_failures == 1:
-                warnings.warn(f"spectral-plugins: the snapshot at step {step} failed "
-                              f"({type(error).__name__}: {error}); training continues and later steps "
-                              "are tried again",
-                              RuntimeWarning, stacklevel=4)
+            self._warn_snapshot_failed(step, error)
             return None
+
+    def _warn_snapshot_failed(self, step: int, error: BaseException) -> None:
+        self.snapshot_failures += 1
+        log.debug("snapshot at step %s failed", step, exc_info=True)
+        if self.snapshot_failures == 1:
+            warnings.warn(f"spectral-plugins: the snapshot at step {step} failed "
+                          f"({type(error).__name__}: {error}); training continues and later steps "
+                          "are tried again", RuntimeWarning, stacklevel=5)
 
     def _run_analysis(self, analysis: Analysis, method: str, *args: Any) -> AnalysisOutput | None:
         if analysis.name in self._failed_analyses:
@@ -288,15 +362,20 @@ class SpectralTracker:
         Returns the summary, or None when no snapshot could be computed at all.
         """
         if self.snapshotter is not None:
+            self.flush()  # distributed: the pending shares are gathered (a collective)
             snapshotter, self.snapshotter = self.snapshotter, None  # from here on, snapshots are inline
-            self._publish_ready(snapshotter.close())
+            leftover = snapshotter.close()
+            if self.analyzer is None:  # under torch.distributed these would be partial shares
+                self._publish_ready(leftover)
             self._last_submitted = None
         step = self._seen_step if step is None else int(step)
         if step is None:
             step = 0 if self.last_step is None else self.last_step
         if self.last_report is None or self.last_step is None or step > self.last_step:
             self.step(step, force=True)
-        if self.last_report is None:  # resumed at a step already snapshotted: describe it unpublished
+        # Resumed at a step already snapshotted: describe it unpublished. Under torch.distributed the
+        # condition must be the same on every rank (the snapshot is a collective).
+        if (not self._analyzed) if self.analyzer is not None else self.last_report is None:
             last = int(self.last_step if self.last_step is not None else step)
             with cpu_threads(self.threads):
                 snapshot = self._analyze(last)
@@ -305,7 +384,11 @@ class SpectralTracker:
                     self.close()
                 return None
             self.last_report = StepReport(step=last, snapshot=snapshot, metrics=self.metrics,
-                                                 heatmap_metrics=self.heatmap_metrics)
+                                          heatmap_metrics=self.heatmap_metrics)
+        if not self.is_main or self.last_report is None:  # the other ranks of a distributed tracker
+            if close:
+                self.close()
+            return None
         scalars: dict[str, float] = {}
         texts: list[str] = []
         for analysis in self.analyses:
@@ -340,7 +423,7 @@ class SpectralTracker:
 
         In background mode the snapshot in flight is waited for and published first, so the state
         includes it."""
-        self._drain()
+        self.flush()
         return {
             "format": STATE_FORMAT,
             "version": STATE_VERSION,
@@ -379,6 +462,16 @@ def layer_table(snapshot: Snapshot, metrics: Sequence[str]) -> str:
                        enumerate(zip(row, widths))) for row in [header, *rows]]
     at_step = "" if snapshot.step is None else f" at step {snapshot.step}"
     return f"per-layer spectra{at_step}:\n" + "\n".join(lines)
+
+
+def _use_distributed(distributed: bool | None) -> bool:
+    """Whether a tracker shares its work across ranks: ``distributed``, or by default whether a
+    process group with more than one rank is initialised."""
+    initialised = dist.is_available() and dist.is_initialized()
+    if distributed and not initialised:
+        raise ValueError("distributed=True needs an initialised torch.distributed process group "
+                         "(call torch.distributed.init_process_group first, on every rank)")
+    return bool(distributed) if distributed is not None else initialised and dist.get_world_size() > 1
 
 
 def _as_list(patterns: Sequence[str] | str | None) -> list[str] | None:

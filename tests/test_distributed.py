@@ -19,7 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from spectral_plugins import Snapshot, SpectralEngine, map_model
+from spectral_plugins import Snapshot, SpectralEngine, SpectralTracker, map_model
 from spectral_plugins.distributed import (
     DistributedAnalyzer,
     _materialise,
@@ -56,6 +56,17 @@ class Net(nn.Module):
 
 def same(a: Snapshot, b: Snapshot) -> bool:
     return dataclasses.replace(a, seconds=0.0).to_json() == dataclasses.replace(b, seconds=0.0).to_json()
+
+
+def first_difference(a: Snapshot, b: Snapshot) -> str:
+    """Where two snapshots differ (for assertion messages)."""
+    for x, y in zip(a.layers, b.layers):
+        for field in dataclasses.fields(x):
+            if repr(getattr(x, field.name)) != repr(getattr(y, field.name)):
+                return f"{x.name}.{field.name}: {getattr(x, field.name)!r} != {getattr(y, field.name)!r}"
+    header = ("step", "method", "dtype", "device")
+    fields = "; ".join(f"{h}: {getattr(a, h)!r} vs {getattr(b, h)!r}" for h in header)
+    return f"{fields}; {len(a)} vs {len(b)} layers"
 
 
 def net(seed: int = 0) -> Net:
@@ -228,11 +239,71 @@ def scenario_shard_failure(rank: int, world: int) -> dict[str, Any]:
             "warnings": [str(w.message) for w in caught if "spectral share" in str(w.message)]}
 
 
+def _tracked_ddp_run(rank: int, background: bool) -> dict[str, Any]:
+    """A DDP training loop with a SpectralTracker on every rank (each with a recording publisher),
+    snapshots every 2 steps over 7 steps; rank 0 also takes single-process reference snapshots of
+    the live weights at the due steps."""
+    from tests.publishers import RecordingPublisher
+
+    model = nn.parallel.DistributedDataParallel(net())
+    recording = RecordingPublisher()
+    tracker = SpectralTracker(model.module, every_n_steps=2, publishers=[recording], background=background,
+                              heatmap=False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    generator = torch.Generator().manual_seed(100 + rank)
+    references = {0: SpectralEngine().analyze(map_model(model.module), step=0)}
+    tracker.step(0)
+    for step in range(1, 8):
+        loss = model(torch.randint(0, 50, (2, 8), generator=generator))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step % 2 == 0 or step == 7:
+            references[step] = SpectralEngine().analyze(map_model(model.module), step=step)
+        tracker.step(step)
+    summary = tracker.finish()
+    reports = recording.reports
+    return {"steps": [r.step for r in reports], "snapshots": [r.snapshot for r in reports],
+            "references": references, "summary": summary is not None, "summaries": len(recording.summaries),
+            "configs": recording.configs, "last_step": tracker.last_step, "closed": recording.closed}
+
+
+def scenario_tracker_ddp(rank: int, world: int) -> dict[str, Any]:
+    return _tracked_ddp_run(rank, background=False)
+
+
+def scenario_tracker_ddp_background(rank: int, world: int) -> dict[str, Any]:
+    return _tracked_ddp_run(rank, background=True)
+
+
+def scenario_tracker_fsdp2_background(rank: int, world: int) -> dict[str, Any]:
+    """background=True on sharded weights: a warning, then synchronous shares (exact)."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = net()
+    reference = SpectralEngine().analyze(map_model(copy.deepcopy(model)), step=2)
+    for layer in model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tracker = SpectralTracker(model, every_n_steps=2, background=True, heatmap=False, history=False)
+    report = tracker.step(2)
+    tracker.close()
+    return {"snapshot": report.snapshot if report else None, "reference": reference,
+            "background": tracker.snapshotter is not None,
+            "warnings": [str(w.message) for w in caught if "spectral-plugins" in str(w.message)]}
+
+
 SCENARIOS = {f.__name__.removeprefix("scenario_"): f for f in
              (scenario_replicated, scenario_ddp, scenario_fsdp2, scenario_fsdp1, scenario_failure,
-              scenario_shard_failure)}
+              scenario_shard_failure, scenario_tracker_ddp, scenario_tracker_ddp_background,
+              scenario_tracker_fsdp2_background)}
 # Scenarios sharing a world size run in one launch, to pay the processes' start-up (importing torch) once.
-LAUNCHES = {2: ("replicated", "ddp", "fsdp1"), 3: ("fsdp2", "failure", "shard_failure"), 4: ("replicated",)}
+LAUNCHES = {2: ("replicated", "ddp", "fsdp1"),
+            3: ("fsdp2", "failure", "shard_failure", "tracker_ddp", "tracker_ddp_background",
+                "tracker_fsdp2_background"),
+            4: ("replicated",)}
 
 
 def _worker(rank: int, world: int, scenarios: tuple[str, ...], folder: str) -> None:
@@ -355,3 +426,28 @@ def test_a_rank_that_cannot_send_its_shard_marks_that_matrix_failed(gloo):
             assert repr(layer) == repr(expected)
     assert len(result["warnings"]) == 1 and "rank(s) [2]" in result["warnings"][0]
     assert "could not send its shard of 1 matrices" in result["warnings"][0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scenario", ["tracker_ddp", "tracker_ddp_background"])
+def test_tracker_shares_work_and_rank_zero_publishes_exact_snapshots(gloo, scenario):
+    results = gloo(scenario, 3)
+    main = results[0]
+    # synchronous: every due step at once; background: the same steps, each published a period later
+    assert main["steps"] == [0, 2, 4, 6, 7]
+    for snapshot, step in zip(main["snapshots"], main["steps"]):
+        reference = main["references"][step]
+        assert snapshot.step == step and same(snapshot, reference), first_difference(snapshot, reference)
+    assert main["summary"] and main["summaries"] == 1 and main["configs"][0]["ranks"] == 3
+    for other in results[1:]:  # the same steps were computed there, nothing was published
+        assert other["steps"] == [] and other["summaries"] == 0 and not other["summary"]
+        assert other["last_step"] == 7
+    assert all(r["closed"] == 1 for r in results)
+
+
+@pytest.mark.slow
+def test_background_on_sharded_weights_falls_back_to_synchronous_shares(gloo):
+    results = gloo("tracker_fsdp2_background", 3)
+    assert not results[0]["background"] and same(results[0]["snapshot"], results[0]["reference"])
+    assert all(len(r["warnings"]) == 1 and "sharded" in r["warnings"][0] for r in results)
+    assert results[1]["snapshot"] is None

@@ -407,3 +407,68 @@ def test_background_monitor_publishes_every_due_step_to_tensorboard(tmp_path: Pa
     scalars = read_tensorboard_scalars(Path(logger.log_dir))
     assert {k: scalars[k] for k in expected} == float32(expected)
     assert [step for step, _ in scalars["spectral_alpha/L00_q"]] == [0, 2, 4, 6, 8]
+
+
+def _ddp_fit_worker(rank: int, world: int, port: int, root: str) -> None:
+    """One rank of a 2-process DDP fit launched like torchrun does (``LOCAL_RANK`` set, so Lightning
+    creates no processes of its own); writes what it saw to ``root/rank{rank}.pkl``."""
+    import pickle
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), NODE_RANK="0",
+                      LOCAL_RANK=str(rank), RANK=str(rank))
+    torch.set_num_threads(1)
+    recorder, weights = RecordingPublisher(), WeightRecorder()
+    monitor = SpectralMonitor(every_n_steps=2, metrics=["alpha", "stable_rank", "spectral_norm"],
+                              publish_heatmaps=False, extra_publishers=[recorder])
+    fit = trainer(Path(root), devices=world, strategy="ddp", max_steps=5,
+                  logger=TensorBoardLogger(root, name="tb", version=0), callbacks=[weights, monitor])
+    torch.manual_seed(0)
+    fit.fit(CharGPTModule(CONFIG), loader(encode(stdlib_text(20_000)), 12))
+    references = {}
+    for step, state in weights.weights.items():  # single-process snapshots of the same weights
+        module = CharGPTModule(CONFIG)
+        module.load_state_dict(state)
+        references[step] = SpectralEngine().analyze(module, step=step)
+    reports = recorder.reports
+    result = {"steps": [r.step for r in reports], "snapshots": [r.snapshot for r in reports],
+              "references": references, "summary": monitor.summary is not None,
+              "config": recorder.configs[0] if recorder.configs else None,
+              "last_step": monitor.tracker.last_step if monitor.tracker else None}
+    with open(Path(root) / f"rank{rank}.pkl", "wb") as f:
+        pickle.dump(result, f)
+
+
+@pytest.mark.slow
+def test_ddp_ranks_share_snapshots_and_rank_zero_publishes(tmp_path: Path) -> None:
+    """A real 2-process DDP fit (gloo, CPU): each rank computes its share of every snapshot, rank 0
+    publishes the assembled ones, equal bit for bit to single-process snapshots of the same weights."""
+    import pickle
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    context = mp.get_context("spawn")
+    processes = [context.Process(target=_ddp_fit_worker, args=(rank, 2, port, str(tmp_path)), daemon=True)
+                 for rank in range(2)]
+    for process in processes:
+        process.start()
+    deadline = time.monotonic() + 300
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+    alive = [p for p in processes if p.is_alive()]
+    for process in alive:
+        process.kill()
+    assert not alive, "a rank hung"
+    assert [p.exitcode for p in processes] == [0, 0]
+    main, other = (pickle.loads((tmp_path / f"rank{rank}.pkl").read_bytes()) for rank in range(2))
+    assert main["steps"] == [0, 2, 4, 5] and main["summary"] and main["config"]["ranks"] == 2
+    for snapshot, step in zip(main["snapshots"], main["steps"]):
+        reference = main["references"][step]
+        assert [repr(a) for a in snapshot.layers] == [repr(b) for b in reference.layers]
+    assert other["steps"] == [] and not other["summary"] and other["last_step"] == 5
+    scalars = read_tensorboard_scalars(tmp_path / "tb" / "version_0")
+    alpha_keys = [key for key in scalars if key.startswith("spectral_alpha/")]
+    assert alpha_keys and all([s for s, _ in scalars[k]] == [0, 2, 4, 5] for k in alpha_keys)
