@@ -46,6 +46,7 @@ import torch
 
 from .engine import SpectralEngine
 from .model_map import ModelMap
+from .options import positive_int
 from .snapshot import Snapshot
 
 log = logging.getLogger("spectral_plugins")
@@ -123,8 +124,7 @@ class BackgroundSnapshotter:
         nice: int = 0,
         threads: int | None = None,
     ) -> None:
-        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-            raise ValueError(f"threads must be None or an integer >= 1, got {threads!r}")
+        positive_int("threads", threads, optional=True)
         self.engine = engine
         self.threads = threads
         self.model_map = model_map

@@ -41,6 +41,7 @@ from typing import Any
 
 from .engine import METHODS
 from .metrics import validate_metric_names
+from .options import positive_int
 from .publishing import Publisher, RunSummary
 from .tracker import SpectralTracker, console
 
@@ -108,10 +109,8 @@ class SpectralCallback(TrainerCallback, ExportableState):
         threads: int | None = 1,
         background: bool = False,
     ) -> None:
-        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be an integer >= 1, got {every_n_steps!r}")
-        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-            raise ValueError(f"threads must be None or an integer >= 1, got {threads!r}")
+        positive_int("every_n_steps", every_n_steps)
+        positive_int("threads", threads, optional=True)
         if metrics is not None and not validate_metric_names(list(metrics)):
             raise ValueError("metrics must name at least one metric (None publishes all)")
         if not isinstance(heatmap, bool):

@@ -39,6 +39,7 @@ from typing import Any
 
 from .engine import METHODS
 from .metrics import validate_metric_names
+from .options import positive_int
 from .publishing import Publisher, RunSummary, StepReport
 from .tracker import SpectralTracker
 
@@ -173,8 +174,7 @@ class SpectralMonitor(*_callback_bases()):  # type: ignore[misc]
         distributed: bool | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be an integer >= 1, got {every_n_steps!r}")
+        positive_int("every_n_steps", every_n_steps)
         if metrics is not None and not validate_metric_names(list(metrics)):
             raise ValueError("metrics must name at least one metric (None publishes all)")
         if not isinstance(publish_heatmaps, bool):

@@ -32,6 +32,7 @@ from .distributed import DistributedAnalyzer
 from .engine import SpectralEngine
 from .metrics import validate_metric_names
 from .model_map import ModelMap, map_model
+from .options import positive_int
 from .publishing import GuardedPublisher, Publisher, RunSummary, StepReport
 from .snapshot import Snapshot
 
@@ -115,11 +116,9 @@ class SpectralTracker:
         background: bool = False,
         distributed: bool | None = None,
     ) -> None:
-        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be an integer >= 1, got {every_n_steps!r}")
+        positive_int("every_n_steps", every_n_steps)
         self.every_n_steps = every_n_steps
-        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-            raise ValueError(f"threads must be None or an integer >= 1, got {threads!r}")
+        positive_int("threads", threads, optional=True)
         self.threads = threads
         self.metrics = validate_metric_names(None if metrics is None else list(metrics))
         if not self.metrics:
