@@ -227,12 +227,12 @@ class SpectralMonitor(*_callback_bases()):  # type: ignore[misc]
             self.tracker.close()
 
     def _shares_work(self, trainer: Any) -> bool:
-        """Whether the ranks share each snapshot: ``distributed`` unless None, else whether the
-        trainer runs more than one process under an initialised torch.distributed group."""
+        """Whether the ranks share each snapshot: the trainer runs more than one process under an
+        initialised torch.distributed group, and ``distributed`` is not False."""
         import torch.distributed as dist
 
-        initialised = dist.is_available() and dist.is_initialized() and int(trainer.world_size) > 1
-        return initialised if self.distributed is None else bool(self.distributed) and initialised
+        multi_rank = dist.is_available() and dist.is_initialized() and int(trainer.world_size) > 1
+        return multi_rank and (self.distributed is None or bool(self.distributed))
 
     def _observe(self, trainer: Any) -> None:
         if self.tracker is None:

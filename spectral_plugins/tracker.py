@@ -361,11 +361,9 @@ class SpectralTracker:
         Returns the summary, or None when no snapshot could be computed at all.
         """
         if self.snapshotter is not None:
-            self.flush()  # distributed: the pending shares are gathered (a collective)
+            self.flush()  # publishes the snapshot in flight (distributed: gathers the shares, a collective)
             snapshotter, self.snapshotter = self.snapshotter, None  # from here on, snapshots are inline
-            leftover = snapshotter.close()
-            if self.analyzer is None:  # under torch.distributed these would be partial shares
-                self._publish_ready(leftover)
+            snapshotter.close()  # nothing is left after the flush
             self._last_submitted = None
         step = self._seen_step if step is None else int(step)
         if step is None:
