@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
-import platform
 import statistics
 import time
 import warnings
@@ -40,9 +38,9 @@ from torch import nn
 from spectral_plugins import SpectralTracker, map_model
 
 try:  # run as a script (benchmarks/ on sys.path) or imported as benchmarks.bench_overhead
-    from common import DOC, write_section
+    from common import DOC, machine, write_section
 except ImportError:  # pragma: no cover
-    from benchmarks.common import DOC, write_section
+    from benchmarks.common import DOC, machine, write_section
 
 MODES: dict[str, dict[str, object] | None] = {
     "none": None,
@@ -181,15 +179,13 @@ def main() -> None:
                     f"{worker_s:.3f} | {stats.skipped if stats else 0} |")
         if run.tracker is not None:
             run.tracker.close()
-    machine = (f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
-               f"torch {torch.__version__}, device {device}"
-               + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
+    where = f"{machine(device)}, {torch.get_num_threads()} torch threads, device {device}"
     n_params = sum(p.numel() for p in base.parameters())
     lines = [
         f"Model `{args.model}` ({n_params / 1e6:.1f}M parameters, {len(map_model(base))} matrices), batch "
         f"{batch_size}, snapshot every {args.every} steps; {args.rounds} rounds of one {args.window}-step "
         f"window per mode (order reversed each round); time / none: median over rounds of the window's "
-        f"ratio to that round's `none` window; {machine}.",
+        f"ratio to that round's `none` window; {where}.",
         "",
         "| mode | steps/s | time / none | overhead | time / none, min..max | "
         "ms on the training thread per snapshot | s per snapshot on the worker | skipped |",
