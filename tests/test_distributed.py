@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import pickle
-import time
 import traceback
 import warnings
 from datetime import timedelta
@@ -16,7 +15,6 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from spectral_plugins import Snapshot, SpectralEngine, SpectralTracker, map_model
@@ -29,6 +27,7 @@ from spectral_plugins.distributed import (
     matrix_cost,
     plan,
 )
+from tests.multiprocess import run_ranks
 
 TIMEOUT = 120.0  # whole multi-process run; a hang fails the test instead of blocking CI
 
@@ -327,22 +326,7 @@ def _worker(rank: int, world: int, scenarios: tuple[str, ...], folder: str) -> N
 def launch(scenarios: tuple[str, ...], world: int, folder: Path) -> list[dict[str, Any]]:
     """Run ``scenarios`` on ``world`` gloo processes; fail (and kill them) if they outlive TIMEOUT.
     Returns, per rank, ``{scenario: result}``."""
-    context = mp.get_context("spawn")
-    processes = [context.Process(target=_worker, args=(rank, world, scenarios, str(folder)), daemon=True)
-                 for rank in range(world)]
-    for process in processes:
-        process.start()
-    deadline = time.monotonic() + TIMEOUT
-    for process in processes:
-        process.join(max(0.0, deadline - time.monotonic()))
-    hung = [rank for rank, p in enumerate(processes) if p.is_alive()]
-    for process in processes:
-        if process.is_alive():
-            process.kill()
-            process.join()
-    assert not hung, f"ranks {hung} still running after {TIMEOUT} s (a collective hung)"
-    codes = [p.exitcode for p in processes]
-    assert codes == [0] * world, f"exit codes {codes}"
+    run_ranks(_worker, world, (world, scenarios, str(folder)), TIMEOUT)
     results = []
     for rank in range(world):
         with open(folder / f"rank{rank}.pkl", "rb") as f:

@@ -25,6 +25,7 @@ from spectral_plugins.demo.lightning import CharGPTModule
 from spectral_plugins.demo.model import GPTConfig
 from spectral_plugins.keys import STEP_KEY
 from spectral_plugins.lightning import LoggerPublisher, SpectralMonitor, logger_kind, publisher_for
+from tests.multiprocess import run_ranks
 from tests.publishers import FaultInjectingPublisher, RecordingPublisher
 from tests.test_wandb import reset_wandb, set_wandb_env
 from tests.tracker_readers import (
@@ -445,24 +446,10 @@ def test_ddp_ranks_share_snapshots_and_rank_zero_publishes(tmp_path: Path) -> No
     import pickle
     import socket
 
-    import torch.multiprocessing as mp
-
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    context = mp.get_context("spawn")
-    processes = [context.Process(target=_ddp_fit_worker, args=(rank, 2, port, str(tmp_path)), daemon=True)
-                 for rank in range(2)]
-    for process in processes:
-        process.start()
-    deadline = time.monotonic() + 300
-    for process in processes:
-        process.join(max(0.0, deadline - time.monotonic()))
-    alive = [p for p in processes if p.is_alive()]
-    for process in alive:
-        process.kill()
-    assert not alive, "a rank hung"
-    assert [p.exitcode for p in processes] == [0, 0]
+    run_ranks(_ddp_fit_worker, 2, (2, port, str(tmp_path)), timeout=300)
     main, other = (pickle.loads((tmp_path / f"rank{rank}.pkl").read_bytes()) for rank in range(2))
     assert main["steps"] == [0, 2, 4, 5] and main["summary"] and main["config"]["ranks"] == 2
     for snapshot, step in zip(main["snapshots"], main["steps"]):
