@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from spectral_plugins.attention import AttentionBounds, attention_bounds
-from spectral_plugins.attention_stats import DEFAULT_GAMMA, FP8_MAX
+from spectral_plugins.attention.bounds import AttentionBounds, attention_bounds
+from spectral_plugins.attention.stats import DEFAULT_GAMMA, FP8_MAX
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 TEXT = Path(__file__).resolve().parents[1] / "tests" / "data" / "attention_text.txt"

@@ -2,8 +2,8 @@
 
 Side by side in one run, per model (all attention layers, biases folded in, float64):
 
-- ``qr``: :func:`spectral_plugins.attention_norms.interaction_spectrum_qr` (exact, full spectrum);
-- ``power cold``: :func:`~spectral_plugins.attention_norms.interaction_norms_power` from a random
+- ``qr``: :func:`spectral_plugins.attention.norms.interaction_spectrum_qr` (exact, full spectrum);
+- ``power cold``: :func:`~spectral_plugins.attention.norms.interaction_norms_power` from a random
   start, stopping at an estimated relative error of ``--tol`` (1e-10, and 1e-4: ample for an FP8
   scale factor);
 - ``power warm``: the same, started from the cold run's vectors after a simulated training step
@@ -33,13 +33,13 @@ from collections.abc import Callable
 
 import torch
 
-from spectral_plugins.attention_inputs import attention_sites
-from spectral_plugins.attention_norms import (
+from spectral_plugins.attention.inputs import attention_sites
+from spectral_plugins.attention.norms import (
     interaction_norms_explicit,
     interaction_norms_power,
     interaction_spectrum_qr,
 )
-from spectral_plugins.model_map import map_model
+from spectral_plugins.core.model_map import map_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

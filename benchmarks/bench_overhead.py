@@ -1,7 +1,7 @@
 """Training overhead of spectral snapshots: steps/s with no monitor, a synchronous and a background one.
 
 Every mode trains its own copy of the same model on the same batches, with the monitor users run:
-a :class:`~spectral_plugins.tracker.SpectralTracker` (no publishers, lifecycle history on, default
+a :class:`~spectral_plugins.runtime.tracker.SpectralTracker` (no publishers, lifecycle history on, default
 settings, so one torch thread per snapshot on CPU). The modes take turns in windows of ``--window``
 steps, ``--rounds`` times, the order reversed every other round (A B C, C B A, ...), so a machine
 that speeds up or slows down over the run (a shared VM's does) hits every mode alike. Each round gives

@@ -3,7 +3,8 @@
 1. Size: one full snapshot (``SpectralEngine().analyze``) of Llama-shaped models of ~30M, ~125M and
    ~350M parameters (``--sizes``; ``--with-1b`` adds a TinyLlama-shaped 1.1B, several minutes on
    CPU), printed next to each other with the ratios of parameters, of estimated cost
-   (``sum m n k + k^3``, :func:`spectral_plugins.distributed.matrix_cost`) and of time to the smallest.
+   (``sum m n k + k^3``, :func:`spectral_plugins.runtime.distributed.matrix_cost`)
+   and of time to the smallest.
 2. Ranks: ``DistributedAnalyzer.analyze`` of one model (``--ranks-model``) on 1, 2 and 4 gloo CPU
    processes (``--ranks``), each rank with ``--threads-per-rank`` torch threads; the wall time on rank
    0 (from a barrier to the assembled snapshot) and the slowest rank's own compute time, with their
@@ -28,7 +29,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from spectral_plugins import SpectralEngine, map_model
-from spectral_plugins.distributed import DistributedAnalyzer, matrix_cost, plan
+from spectral_plugins.runtime.distributed import DistributedAnalyzer, matrix_cost, plan
 
 try:  # run as a script (benchmarks/ on sys.path) or imported as benchmarks.bench_scaling
     from common import DOC, LLAMA_CONFIGS, llama_shaped, machine, write_section

@@ -3,7 +3,7 @@
 Trains :class:`~spectral_plugins.demo.model.CharGPT` at several depths on the Python standard
 library's sources with a plain PyTorch loop, snapshots the spectra (densely while the early compression
 happens, then every ``--every`` steps) into a
-:class:`~spectral_plugins.lifecycle.SpectralLifecycle`, then measures
+:class:`~spectral_plugins.lifecycle.signals.SpectralLifecycle`, then measures
 
 - the compression wave (front trajectory, speed, reversal) and the Q/K vs V/O asymmetry,
 - Delta-alpha per depth and its power-law fit against L,
@@ -30,14 +30,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from spectral_plugins.compare import Comparison, compare_histories, format_table, plot_comparison
+from spectral_plugins.core.engine import SpectralEngine
 from spectral_plugins.demo.data import VOCAB, encode, stdlib_text
 from spectral_plugins.demo.model import CharGPT, GPTConfig
-from spectral_plugins.engine import SpectralEngine
-from spectral_plugins.importance import IMPORTANCE_METHODS, importance_from_history
-from spectral_plugins.lifecycle import LifecycleConfig, SpectralLifecycle, wave_trajectory
-from spectral_plugins.pruning import PruningEvaluation, evaluate_pruning
-from spectral_plugins.report import render_report
+from spectral_plugins.lifecycle.importance import IMPORTANCE_METHODS, importance_from_history
+from spectral_plugins.lifecycle.pruning import PruningEvaluation, evaluate_pruning
+from spectral_plugins.lifecycle.signals import LifecycleConfig, SpectralLifecycle, wave_trajectory
+from spectral_plugins.runs.compare import Comparison, compare_histories, format_table, plot_comparison
+from spectral_plugins.runs.report import render_report
 
 ROOT = Path(__file__).resolve().parents[1]
 # Everything after this line of the doc is hand-written discussion, kept when the doc is regenerated.

@@ -4,4 +4,5 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 . scripts/setup.sh
 ruff check .
+lint-imports --no-cache >/dev/null || lint-imports --no-cache  # folders import only downward
 exec python -m pytest -q "$@"

@@ -5,20 +5,20 @@ The core (this package's top level) never imports a tracker; each adapter lives 
 lazily.
 """
 
-from .attention import ATTENTION_METRICS, AttentionBounds, HeadBound, LayerBound, attention_bounds
-from .background import BackgroundSnapshotter, SnapshotterStats
-from .distributed import DistributedAnalyzer, distributed_analyze
-from .engine import SpectralEngine, analyze
-from .history import SpectralHistory
-from .importance import BlockImportance, PruningAdvice, advise_pruning, importance_from_history
-from .keys import layer_key, lifecycle_key, matrix_key
-from .lifecycle import LifecycleConfig, LifecycleState, LifecycleSummary, SpectralLifecycle, summarize
-from .metrics import METRICS, MetricSpec, PowerLawFit, fit_alpha
-from .model_map import MatrixRef, ModelMap, map_model, map_state_dict
-from .pruning import PruningEvaluation, evaluate_pruning, skip_blocks
-from .roles import ROLES
-from .snapshot import LayerSpectrum, Snapshot
-from .tracker import SpectralTracker
+from .attention.bounds import ATTENTION_METRICS, AttentionBounds, HeadBound, LayerBound, attention_bounds
+from .core.engine import SpectralEngine, analyze
+from .core.keys import layer_key, lifecycle_key, matrix_key
+from .core.metrics import METRICS, MetricSpec, PowerLawFit, fit_alpha
+from .core.model_map import MatrixRef, ModelMap, map_model, map_state_dict
+from .core.roles import ROLES
+from .core.snapshot import LayerSpectrum, Snapshot
+from .lifecycle.history import SpectralHistory
+from .lifecycle.importance import BlockImportance, PruningAdvice, advise_pruning, importance_from_history
+from .lifecycle.pruning import PruningEvaluation, evaluate_pruning, skip_blocks
+from .lifecycle.signals import LifecycleConfig, LifecycleState, LifecycleSummary, SpectralLifecycle, summarize
+from .runtime.background import BackgroundSnapshotter, SnapshotterStats
+from .runtime.distributed import DistributedAnalyzer, distributed_analyze
+from .runtime.tracker import SpectralTracker
 
 __version__ = "0.1.0"
 

@@ -8,16 +8,16 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .engine import METHODS, SpectralEngine
-from .metrics import METRIC_NAMES
-from .snapshot import Snapshot
-from .tracker import layer_table
+from .core.engine import METHODS, SpectralEngine
+from .core.metrics import METRIC_NAMES
+from .core.snapshot import Snapshot
+from .runtime.tracker import layer_table
 
 # (module, function) pairs that add a subcommand; a module whose extra is missing is skipped.
 _SUBCOMMANDS = (
     ("spectral_plugins.demo.cli", "add_demo_parser"),
-    ("spectral_plugins.compare", "add_compare_parser"),
-    ("spectral_plugins.report", "add_report_parser"),
+    ("spectral_plugins.runs.compare", "add_compare_parser"),
+    ("spectral_plugins.runs.report", "add_report_parser"),
 )
 
 
@@ -51,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run_analyze(args: argparse.Namespace) -> int:
-    from .checkpoints import load_model_map
+    from .core.checkpoints import load_model_map
 
     model_map = load_model_map(args.path, include=args.include, exclude=args.exclude)
     engine = SpectralEngine(method=args.method, dtype=args.dtype)

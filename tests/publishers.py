@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from spectral_plugins.publishing import RunSummary, StepReport
+from spectral_plugins.runtime.publishing import RunSummary, StepReport
 
 
 class RecordingPublisher:

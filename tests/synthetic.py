@@ -18,8 +18,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from spectral_plugins.history import SpectralHistory
-from spectral_plugins.snapshot import LayerSpectrum
+from spectral_plugins.core.snapshot import LayerSpectrum
+from spectral_plugins.lifecycle.history import SpectralHistory
 
 WAVE_ROLES = ("q", "k", "mlp_in", "mlp_out")
 UNIFORM_ROLES = ("v", "o")

@@ -13,8 +13,8 @@ from spectral_plugins import map_model
 from spectral_plugins.demo.cli import add_demo_parser
 from spectral_plugins.demo.data import VOCAB, CharWindows, decode, encode, stdlib_dir, stdlib_text
 from spectral_plugins.demo.model import CharGPT, GPTConfig
-from tests.test_lightning import restore_mlflow_globals
-from tests.test_wandb import reset_wandb, set_wandb_env
+from tests.adapters.test_lightning import restore_mlflow_globals
+from tests.adapters.test_wandb import reset_wandb, set_wandb_env
 from tests.tracker_readers import read_tensorboard_scalars, read_wandb_offline_run
 
 TINY = GPTConfig(vocab_size=len(VOCAB), block_size=16, n_layer=2, n_head=2, d_model=32)

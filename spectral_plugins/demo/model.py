@@ -1,6 +1,6 @@
 """A small character-level GPT in pure torch, named so that the model map recognises every role.
 
-Module names follow the conventions of :mod:`spectral_plugins.roles`: the repeated blocks are
+Module names follow the conventions of :mod:`spectral_plugins.core.roles`: the repeated blocks are
 ``blocks.N``; inside a block ``attn.q_proj``, ``attn.k_proj``, ``attn.v_proj``, ``attn.o_proj``
 (roles q, k, v, o) and ``mlp.fc_in``, ``mlp.fc_out`` (mlp_in, mlp_out); outside them ``tok_emb``
 (embed), ``pos_emb`` (pos_embed) and ``lm_head``.

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..tracker import cpu_threads
+from ..runtime.tracker import cpu_threads
 from .data import VOCAB, CharWindows, encode, stdlib_text
 from .model import GPTConfig
 
@@ -108,7 +108,7 @@ def _train(out: Path, max_steps: int, every_n_steps: int, batch_size: int, track
     from lightning.pytorch import Trainer, seed_everything
     from torch.utils.data import DataLoader
 
-    from ..lightning import SpectralMonitor
+    from ..adapters.lightning import SpectralMonitor
     from .lightning import CharGPTModule
 
     out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,257 @@
+"""TensorBoard publisher: spectral scalars, a custom-scalars layout, heatmap images, eigenvalue histograms.
+
+A thin translator from :class:`~spectral_plugins.runtime.publishing.StepReport` /
+:class:`~spectral_plugins.runtime.publishing.RunSummary` to ``torch.utils.tensorboard.SummaryWriter`` calls.
+What it writes (``docs/tensorboard.md`` describes each panel):
+
+- scalars under the canonical keys ``spectral_<metric>/<layer_key>`` (one dashboard section per
+  metric) plus the lifecycle / attention extras, at the report's step;
+- once per publisher, the whole custom-scalars layout: one category per metric with one multi-line
+  chart per role (``alpha · q`` = ``spectral_alpha/L\\d+_q$``), plus lifecycle and attention charts;
+- per step and chosen metric, a depth x role heatmap image ``spectral_heatmap/<metric>``;
+- optionally (``histograms=True``) the log10-eigenvalue histogram of every matrix whose snapshot
+  carries its spectrum, ``spectral_log10_eigenvalues/<layer_key>``;
+- at the summary: a markdown text panel ``spectral_summary`` (final per-layer table, summary text)
+  and the summary scalars at the last step.
+
+``add_scalars`` is never used (it creates one sub-run directory per line). The tracker is imported
+when a publisher is constructed, never when ``spectral_plugins`` is imported.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..core.heatmap import BLOCK_ROLES
+from ..core.keys import ATTENTION_SECTION, LIFECYCLE_SECTION, MATRIX_PREFIX
+from ..core.metrics import validate_metric_names
+from ..core.snapshot import Snapshot
+from ..runtime.analyses import fmt
+from ..runtime.publishing import RunSummary, StepReport, flatten_config
+
+__all__ = [
+    "HEATMAP_SECTION", "HISTOGRAM_SECTION", "SUMMARY_TAG", "CONFIG_TAG", "LIFECYCLE_CHARTS",
+    "require_tensorboard", "TensorBoardPublisher", "custom_scalars_layout", "summary_markdown",
+]
+
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
+
+HEATMAP_SECTION = "spectral_heatmap"
+HISTOGRAM_SECTION = "spectral_log10_eigenvalues"
+SUMMARY_TAG = "spectral_summary"
+CONFIG_TAG = "spectral_config"
+# Per-step lifecycle signals (``spectral_lifecycle/<name>/<group>``) that get a chart in the layout
+# even when the first report does not have them yet (most are undefined at the first snapshot).
+LIFECYCLE_CHARTS: tuple[str, ...] = (
+    "qk_vo_asymmetry", "wave_front_depth", "wave_front_speed", "nsr_mean", "nsr_depth_order",
+    "wave_reversed", "wave_reversal_step", "delta_alpha", "alpha_depth_gradient",
+)
+# The columns of the final per-layer table, besides the published metrics.
+_TABLE_FIELDS = ("key", "depth", "role", "shape")
+
+
+def require_tensorboard() -> None:
+    """Import the tracker; raise ``ModuleNotFoundError`` naming the extra to install when it is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+    except ImportError as error:
+        message = (f"TensorBoardPublisher needs the 'tensorboard' package ({error}): "
+                   "pip install 'spectral-plugins[tensorboard]'")
+        raise ModuleNotFoundError(message, name="tensorboard") from error
+
+
+class TensorBoardPublisher:
+    """Publishes spectral results to a TensorBoard event directory.
+
+    Args:
+        log_dir: directory of a new ``SummaryWriter`` (TensorBoard's default ``runs/<time_host>``
+            when both this and ``writer`` are None). A ``SummaryWriter`` passed here positionally is
+            taken as ``writer``.
+        writer: an existing writer, e.g. ``TensorBoardLogger.experiment`` from Lightning. A writer
+            passed in is flushed but never closed.
+        heatmap_metrics: metrics drawn as a depth x role heatmap image at each step (only those
+            that the report publishes).
+        histograms: also write a histogram of log10 eigenvalues per matrix, for snapshots taken with
+            ``SpectralEngine(keep_eigenvalues=True)``.
+
+    Raises:
+        ModuleNotFoundError: TensorBoard is not installed.
+        ValueError: an unknown metric in ``heatmap_metrics``.
+    """
+
+    name = "tensorboard"
+
+    def __init__(
+        self,
+        log_dir: str | Path | SummaryWriter | None = None,
+        writer: SummaryWriter | None = None,
+        heatmap_metrics: Sequence[str] = ("alpha", "stable_rank"),
+        histograms: bool = False,
+    ) -> None:
+        require_tensorboard()
+        from torch.utils.tensorboard import SummaryWriter
+
+        if log_dir is not None and not isinstance(log_dir, (str, Path)):
+            if writer is not None:
+                raise ValueError("pass either a writer positionally or writer=..., not both")
+            log_dir, writer = None, log_dir
+        if writer is not None and log_dir is not None:
+            raise ValueError("pass either log_dir or writer, not both")
+        self.heatmap_metrics = validate_metric_names(tuple(heatmap_metrics))
+        self.histograms = histograms
+        self._owns_writer = writer is None
+        self.writer: SummaryWriter = writer if writer is not None else SummaryWriter(
+            log_dir=None if log_dir is None else str(log_dir))
+        self._layout_written = False
+        self._warned_no_eigenvalues = False
+
+    @property
+    def log_dir(self) -> str:
+        """Where the event files go (open the view with ``tensorboard --logdir <this>``)."""
+        return str(self.writer.get_logdir())
+
+    def publish_config(self, config: Mapping[str, Any]) -> None:
+        """Write the configuration as a two-column markdown table (text panel ``spectral_config``)."""
+        rows = [(key, str(value)) for key, value in flatten_config(config)]
+        self.writer.add_text(CONFIG_TAG, _markdown_table(("setting", "value"), rows), 0)
+        self.writer.flush()
+
+    def publish_step(self, report: StepReport) -> None:
+        """Scalars, (once) the custom-scalars layout, heatmap images and optional histograms."""
+        step = report.step
+        scalars = report.scalars()
+        if not self._layout_written:
+            self.writer.add_custom_scalars(custom_scalars_layout(report.snapshot, report.metrics, scalars))
+            self._layout_written = True
+        for key, value in scalars.items():
+            self.writer.add_scalar(key, value, step)
+        for heatmap in report.heatmaps():
+            if heatmap.metric in self.heatmap_metrics:
+                self.writer.add_image(f"{HEATMAP_SECTION}/{heatmap.metric}", heatmap.to_rgb(), step,
+                                      dataformats="HWC")
+        if self.histograms:
+            self._write_histograms(report.snapshot, step)
+        self.writer.flush()
+
+    def publish_summary(self, summary: RunSummary) -> None:
+        """A markdown text panel with the final per-layer table and summary text; the summary
+        scalars at the last step."""
+        last = summary.last
+        self.writer.add_text(SUMMARY_TAG, summary_markdown(summary), last.step)
+        for key, value in summary.summary_scalars.items():
+            if value is not None and math.isfinite(float(value)):
+                self.writer.add_scalar(key, float(value), last.step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        """Flush; close the writer only if this publisher created it."""
+        if self._owns_writer:
+            self.writer.close()
+        else:
+            self.writer.flush()
+
+    def _write_histograms(self, snapshot: Snapshot, step: int) -> None:
+        written = False
+        for layer in snapshot.layers:
+            if layer.eigenvalues is None:
+                continue
+            values = np.asarray(layer.eigenvalues, dtype=np.float64)
+            values = values[np.isfinite(values) & (values > max(layer.precision_floor, 0.0))]
+            if values.size:
+                self.writer.add_histogram(f"{HISTOGRAM_SECTION}/{layer.key}", np.log10(values), step)
+                written = True
+        if not written and not self._warned_no_eigenvalues:
+            self._warned_no_eigenvalues = True
+            warnings.warn("spectral-plugins: TensorBoardPublisher(histograms=True) got a snapshot without "
+                          "eigenvalues; take snapshots with SpectralEngine(keep_eigenvalues=True)",
+                          RuntimeWarning, stacklevel=3)
+
+
+def custom_scalars_layout(snapshot: Snapshot, metrics: Iterable[str],
+                          scalars: Mapping[str, float] | None = None) -> dict[str, dict[str, list[Any]]]:
+    """The whole custom-scalars layout for ``SummaryWriter.add_custom_scalars``.
+
+    One category ``spectral_<metric>`` per metric with one multi-line chart per role present in
+    the blocks (``alpha · q`` over ``spectral_alpha/L\\d+_q$``) and one for the matrices outside the
+    blocks (``alpha · embed+lm_head``); a ``spectral_lifecycle`` category with one chart per signal
+    (every role group on it); a ``spectral_attention`` category with one chart per attention
+    quantity found in ``scalars``. Chart regexes are matched from the start of the tag
+    (TensorBoard uses ``re.match``).
+    """
+    scalars = scalars or {}
+    block_roles = [r for r in BLOCK_ROLES if any(la.role == r and la.depth is not None for la in snapshot)]
+    role_regex = {role: _role_regex(snapshot, role) for role in block_roles}
+    outside = [la.key for la in snapshot if la.depth is None]
+    layout: dict[str, dict[str, list[Any]]] = {}
+    for metric in metrics:
+        prefix = re.escape(f"{MATRIX_PREFIX}{metric}/")
+        charts = {f"{metric} · {role}": ["Multiline", [prefix + regex]] for role, regex in role_regex.items()}
+        if outside:
+            alternatives = "|".join(re.escape(key) for key in outside)
+            charts[f"{metric} · {'+'.join(outside)}"] = ["Multiline", [f"{prefix}({alternatives})$"]]
+        layout[f"{MATRIX_PREFIX}{metric}"] = charts
+    lifecycle = list(LIFECYCLE_CHARTS) + sorted(
+        {_name_after(key, LIFECYCLE_SECTION) for key in scalars if key.startswith(LIFECYCLE_SECTION + "/")}
+        - set(LIFECYCLE_CHARTS))
+    layout[LIFECYCLE_SECTION] = {
+        f"lifecycle · {name}": ["Multiline", [f"{LIFECYCLE_SECTION}/{re.escape(name)}(/[^/]+)?$"]]
+        for name in lifecycle}
+    attention = sorted({_name_after(key, ATTENTION_SECTION) for key in scalars
+                        if key.startswith(ATTENTION_SECTION + "/")})
+    if attention:
+        layout[ATTENTION_SECTION] = {
+            f"attention · {name}": ["Multiline", [f"{ATTENTION_SECTION}/{re.escape(name)}(/.*)?$"]]
+            for name in attention}
+    return layout
+
+
+def summary_markdown(summary: RunSummary) -> str:
+    """The summary text followed by the final per-layer table and the summary scalars, in markdown."""
+    last = summary.last
+    metrics = list(last.metrics)
+    rows = []
+    for record in last.snapshot.to_records():
+        cells = [str(record[f]) for f in _TABLE_FIELDS]
+        cells[_TABLE_FIELDS.index("shape")] = "x".join(map(str, record["shape"]))
+        rows.append(cells + [_format(record[m]) for m in metrics])
+    parts = []
+    if summary.text:
+        parts.append(summary.text)
+    parts.append(f"**Final per-layer metrics (step {last.step})**\n\n"
+                 + _markdown_table((*_TABLE_FIELDS, *metrics), rows))
+    if summary.summary_scalars:
+        parts.append("**Run summary**\n\n" + _markdown_table(
+            ("key", "value"), [(k, _format(v)) for k, v in summary.summary_scalars.items()]))
+    return "\n\n".join(parts)
+
+
+def _role_regex(snapshot: Snapshot, role: str) -> str:
+    """Layer keys of ``role`` inside the blocks: ``L\\d+_q$``, or with the suffix the model map adds
+    when two matrices of one block share a role (``L03_q_c_attn``)."""
+    keys = [la.key for la in snapshot if la.role == role and la.depth is not None]
+    if all(re.fullmatch(rf"L\d+_{role}", key) for key in keys):
+        return rf"L\d+_{role}$"
+    return rf"L\d+_{role}(_\w+)?$"
+
+
+def _name_after(key: str, section: str) -> str:
+    return key[len(section) + 1:].split("/", 1)[0]
+
+
+def _format(value: Any) -> str:
+    return fmt(value) if isinstance(value, float) else str(value)
+
+
+def _markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+    return "\n".join([line(header), line(["---"] * len(header)), *(line(r) for r in rows)])

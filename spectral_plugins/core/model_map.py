@@ -1,0 +1,431 @@
+"""The model map: every weight matrix of a model, with its depth, role and attention heads."""
+
+from __future__ import annotations
+
+import fnmatch
+import warnings
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from .keys import layer_key, sanitize
+from .roles import ROLES, RoleGuess, guess_role, looks_like_embedding
+
+
+@dataclass(frozen=True, eq=False)
+class MatrixRef:
+    """One weight matrix of a model, found by :func:`map_model`.
+
+    Attributes:
+        name: unique, stable name: the parameter path, with ``[q]``/``[k]``/``[v]`` for a slice
+            of a fused projection.
+        key: short layer id used in metric keys (``L03_q``, ``embed``), unique within the map.
+        module_name: path of the module that owns the parameter.
+        depth: index of the repeated block holding it, or None (embeddings, head).
+        role: one of :data:`spectral_plugins.core.roles.ROLES`.
+        shape: (out, in) as the model applies the matrix (HF Conv1D stores it transposed).
+        num_heads: attention heads in this matrix (key/value heads for k/v under grouped-query
+            attention), where known.
+        head_dim: width of one head, where known; rows ``h*head_dim:(h+1)*head_dim`` are head h.
+        tied_names: other parameter paths sharing this tensor (a tied lm_head).
+    """
+
+    name: str
+    key: str
+    module_name: str
+    depth: int | None
+    role: str
+    shape: tuple[int, int]
+    num_heads: int | None = None
+    head_dim: int | None = None
+    tied_names: tuple[str, ...] = ()
+    _tensor: torch.Tensor = field(default=None, repr=False)  # type: ignore[assignment]
+    _bias: torch.Tensor | None = field(default=None, repr=False)
+    _transposed: bool = field(default=False, repr=False)
+    _rows: slice | torch.Tensor | None = field(default=None, repr=False)
+
+    def weight(self) -> torch.Tensor:
+        """The matrix as (out, in), detached: a view of the parameter, also for a stacked fused
+        slice; a gathered copy only for per-head interleaved layouts (GPT-NeoX), whose rows are
+        not evenly strided."""
+        return self._select(self._tensor.detach().t() if self._transposed else self._tensor.detach())
+
+    def bias(self) -> torch.Tensor | None:
+        """The bias entries belonging to this matrix's rows, or None."""
+        return None if self._bias is None else self._select(self._bias.detach())
+
+    @property
+    def device(self) -> torch.device:
+        return self._tensor.device
+
+    @property
+    def source(self) -> torch.Tensor:
+        """The parameter (or state-dict tensor) this matrix views, undetached; a fused projection's
+        q/k/v and tied weights share one source."""
+        return self._tensor
+
+    def with_source(self, tensor: torch.Tensor) -> MatrixRef:
+        """This reference viewing ``tensor`` (shaped like :attr:`source`, e.g. a copy of it) instead:
+        :meth:`weight` applies the same transpose and row selection to it. The bias is dropped."""
+        if tuple(tensor.shape) != tuple(self._tensor.shape):
+            raise ValueError(f"{self.name}: cannot view a {tuple(tensor.shape)} tensor as its source "
+                             f"{tuple(self._tensor.shape)}")
+        return replace(self, _tensor=tensor, _bias=None)
+
+    def _select(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self._rows is None:
+            return tensor
+        if isinstance(self._rows, slice):
+            return tensor[self._rows]
+        return tensor.index_select(0, self._rows.to(tensor.device))
+
+
+@dataclass(frozen=True)
+class ModelMap:
+    """Every analysed matrix of one model, in model order.
+
+    Attributes:
+        matrices: the :class:`MatrixRef` of each matrix.
+        model_type: the Hugging Face ``config.model_type`` or the model's class name.
+        blocks_path: module path of the container of repeated blocks (``transformer.h``), if any.
+        num_blocks: how many blocks it holds.
+    """
+
+    matrices: tuple[MatrixRef, ...]
+    model_type: str | None = None
+    blocks_path: str | None = None
+    num_blocks: int = 0
+
+    def __iter__(self) -> Iterator[MatrixRef]:
+        return iter(self.matrices)
+
+    def __len__(self) -> int:
+        return len(self.matrices)
+
+    def by_role(self, role: str) -> tuple[MatrixRef, ...]:
+        return tuple(m for m in self.matrices if m.role == role)
+
+    def by_depth(self, depth: int) -> tuple[MatrixRef, ...]:
+        return tuple(m for m in self.matrices if m.depth == depth)
+
+    def get(self, key_or_name: str) -> MatrixRef:
+        for ref in self.matrices:
+            if key_or_name in (ref.key, ref.name):
+                return ref
+        raise KeyError(f"no matrix {key_or_name!r}; keys: {[m.key for m in self.matrices]}")
+
+
+@dataclass(frozen=True)
+class _Source:
+    """One 2-D parameter as found in the model or state dict, before roles are assigned."""
+
+    module_path: str
+    param_name: str
+    tensor: torch.Tensor
+    kind: str  # "embedding" | "linear" | "conv1d" | "param"
+    bias: torch.Tensor | None = None
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def path(self) -> str:
+        return f"{self.module_path}.{self.param_name}" if self.module_path else self.param_name
+
+
+@dataclass(frozen=True)
+class _Heads:
+    num_heads: int | None = None
+    num_kv_heads: int | None = None
+    head_dim: int | None = None
+
+
+def map_model(
+    model: nn.Module,
+    include: list[str] | str | None = None,
+    exclude: list[str] | str | None = None,
+    roles: Mapping[str, str] | None = None,
+) -> ModelMap:
+    """Find every weight matrix of ``model`` and name its depth, role and heads.
+
+    Args:
+        model: any ``torch.nn.Module`` (Hugging Face, ``nn.Transformer*``, your own).
+        include: glob pattern(s) on matrix names or keys; only matches are kept.
+        exclude: glob pattern(s) on matrix names or keys to drop.
+        roles: ``{glob on module path or matrix name: role}`` overriding the recognised role.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+        ValueError: no 2-D weight is left, or a ``roles`` pattern names no matrix.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"map_model expects a torch.nn.Module, got {type(model).__name__}. For a checkpoint file "
+            "use spectral_plugins.map_state_dict(torch.load(path, weights_only=True)) or the command "
+            "`spectral-plugins analyze PATH`."
+        )
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None) or type(model).__name__
+    heads = _config_heads(config)
+    return _build_map(_sources_from_module(model), model_type, heads, include, exclude, roles,
+                      module_heads=lambda path: _module_heads(model, path, heads))
+
+
+def map_state_dict(
+    state_dict: Mapping[str, torch.Tensor],
+    config: Mapping[str, Any] | None = None,
+    include: list[str] | str | None = None,
+    exclude: list[str] | str | None = None,
+    roles: Mapping[str, str] | None = None,
+) -> ModelMap:
+    """Like :func:`map_model` for a bare state dict; ``config`` (e.g. a parsed ``config.json``)
+    supplies head counts and the model type, which decides how fused projections are laid out."""
+    config = dict(config or {})
+    # GPT-2 checkpoints without a config.json are still recognisable by their Conv1D names.
+    gpt2_names = any(k.endswith("attn.c_attn.weight") for k in state_dict)
+    model_type = config.get("model_type") or ("gpt2" if gpt2_names else None)
+    sources = []
+    seen: dict[tuple, int] = {}
+    for path, tensor in state_dict.items():
+        if not isinstance(tensor, torch.Tensor) or tensor.ndim != 2 or min(tensor.shape) < 2:
+            continue
+        module_path, _, param_name = path.rpartition(".")
+        # Tied weights come back from torch.load as distinct tensors over one storage.
+        identity = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
+                    tensor.stride())
+        if identity in seen:
+            sources[seen[identity]] = _replace_aliases(sources[seen[identity]], path)
+            continue
+        kind = "embedding" if looks_like_embedding(module_path) else "linear"
+        if model_type == "gpt2" and module_path.rsplit(".", 1)[-1] in {"c_attn", "c_fc", "c_proj"}:
+            kind = "conv1d"
+        bias = state_dict.get(f"{module_path}.bias") if param_name == "weight" else None
+        seen[identity] = len(sources)
+        sources.append(_Source(module_path, param_name, tensor, kind, bias))
+    heads = _config_heads(_Namespace(config))
+    return _build_map(sources, model_type, heads, include, exclude, roles, module_heads=lambda path: heads)
+
+
+class _Namespace:
+    def __init__(self, values: Mapping[str, Any]) -> None:
+        self.__dict__.update(values)
+
+
+def _replace_aliases(source: _Source, alias: str) -> _Source:
+    return _Source(source.module_path, source.param_name, source.tensor, source.kind, source.bias,
+                   source.aliases + (alias,))
+
+
+def _sources_from_module(model: nn.Module) -> list[_Source]:
+    aliases: dict[int, list[str]] = {}
+    for path, param in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(param), []).append(path)
+    sources = []
+    for path, param in model.named_parameters():
+        if param.ndim != 2 or min(param.shape) < 2:
+            continue
+        module_path, _, param_name = path.rpartition(".")
+        module = model.get_submodule(module_path) if module_path else model
+        class_name = type(module).__name__
+        if isinstance(module, nn.Embedding):
+            kind = "embedding"
+        elif class_name == "Conv1D" and param_name == "weight":  # HF GPT-2: weight is (in, out)
+            kind = "conv1d"
+        elif isinstance(module, nn.Linear) or param_name == "weight":
+            kind = "linear"
+        else:
+            kind = "param"
+        bias_name = "in_proj_bias" if param_name == "in_proj_weight" else "bias"
+        bias = getattr(module, bias_name, None) if param_name in ("weight", "in_proj_weight") else None
+        bias = bias if isinstance(bias, torch.Tensor) else None
+        others = tuple(a for a in aliases[id(param)] if a != path)
+        sources.append(_Source(module_path, param_name, param, kind, bias, others))
+    return sources
+
+
+def _config_heads(config: Any) -> _Heads:
+    if config is None:
+        return _Heads()
+    num_heads = _first_int(config, ("num_attention_heads", "n_head", "num_heads", "n_heads"))
+    num_kv = _first_int(config, ("num_key_value_heads", "num_kv_heads", "n_kv_heads")) or num_heads
+    hidden = _first_int(config, ("hidden_size", "n_embd", "d_model", "dim"))
+    head_dim = _first_int(config, ("head_dim", "d_kv"))
+    if head_dim is None and num_heads and hidden:
+        head_dim = hidden // num_heads
+    return _Heads(num_heads, num_kv, head_dim)
+
+
+def _module_heads(model: nn.Module, module_path: str, default: _Heads) -> _Heads:
+    """Head counts from the nearest module on the path that declares them (e.g. an
+    ``nn.MultiheadAttention`` or a custom attention with ``num_heads``), else the config's."""
+    parts = module_path.split(".") if module_path else []
+    for end in range(len(parts), -1, -1):
+        module = model.get_submodule(".".join(parts[:end])) if end else model
+        num_heads = _first_int(module, ("num_heads", "n_head", "n_heads", "num_attention_heads"))
+        if num_heads:
+            num_kv = _first_int(module, ("num_key_value_heads", "num_kv_heads", "n_kv_heads")) or num_heads
+            head_dim = _first_int(module, ("head_dim", "head_size"))
+            return _Heads(num_heads, num_kv, head_dim or default.head_dim)
+    return default
+
+
+def _first_int(obj: Any, names: tuple[str, ...]) -> int | None:
+    for name in names:
+        value = getattr(obj, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def _block_depths(sources: list[_Source]) -> tuple[str | None, dict[str, int]]:
+    """The container of repeated blocks (the prefix before the first integer path part that
+    covers most matrices) and each module path's block index inside it, renumbered 0..n-1."""
+    containers: Counter[str] = Counter()
+    located: dict[str, tuple[str, int]] = {}
+    for source in sources:
+        parts = source.module_path.split(".") if source.module_path else []
+        for i, part in enumerate(parts):
+            if part.isdigit():
+                located[source.module_path] = (".".join(parts[:i]), int(part))
+                containers[".".join(parts[:i])] += 1
+                break
+    if not containers:
+        return None, {}
+    blocks_path = containers.most_common(1)[0][0]
+    indices = sorted({index for container, index in located.values() if container == blocks_path})
+    rank = {index: depth for depth, index in enumerate(indices)}
+    depths = {path: rank[index] for path, (container, index) in located.items() if container == blocks_path}
+    return blocks_path, depths
+
+
+def _build_map(sources, model_type, heads, include, exclude, roles, module_heads) -> ModelMap:
+    if not sources:
+        raise ValueError(
+            "the model has no 2-D weight matrices to analyse (spectral-plugins reads nn.Linear, "
+            "nn.Embedding, HF Conv1D, attention in-projections and other 2-D parameters). Pass the "
+            "model itself, not a wrapper that hides its parameters, and make sure it is built."
+        )
+    blocks_path, depths = _block_depths(sources)
+    drafts: list[dict[str, Any]] = []
+    for source in sources:
+        depth = depths.get(source.module_path)
+        guess = guess_role(source.module_path, source.param_name, source.kind, depth)
+        found_heads = module_heads(source.module_path)
+        drafts.extend(_split(source, depth, guess, found_heads))
+    _apply_role_overrides(drafts, roles)
+    _assign_keys(drafts)
+    drafts.sort(key=_canonical_order)
+    matrices = tuple(MatrixRef(**d) for d in drafts if _selected(d, include, exclude))
+    if not matrices:
+        raise ValueError(f"include={include!r} / exclude={exclude!r} left no matrix; names look like "
+                         f"{[d['name'] for d in drafts[:5]]}")
+    _warn_unclassified(matrices)
+    num_blocks = len({m.depth for m in matrices if m.depth is not None})
+    return ModelMap(matrices, model_type, blocks_path, num_blocks)
+
+
+def _split(source: _Source, depth: int | None, guess: RoleGuess, heads: _Heads) -> list[dict[str, Any]]:
+    """One draft MatrixRef, or three for a fused q/k/v projection (views where possible)."""
+    rows_total, cols = (source.tensor.shape[1], source.tensor.shape[0]) if source.kind == "conv1d" \
+        else tuple(source.tensor.shape)
+    base = dict(module_name=source.module_path, depth=depth, tied_names=source.aliases,
+                _tensor=source.tensor, _bias=source.bias, _transposed=source.kind == "conv1d")
+    role = guess.role  # a tied lm_head keeps the embedding's role; its path is in tied_names
+    if guess.fused is None:
+        num = heads.num_kv_heads if role in ("k", "v") else heads.num_heads
+        head_dim = heads.head_dim if role in ("q", "k", "v") else None
+        num = num if role in ("q", "k", "v") else None
+        return [dict(base, name=source.path, role=role, shape=(rows_total, cols), num_heads=num,
+                     head_dim=head_dim)]
+    head_dim, num_q, num_kv = heads.head_dim, heads.num_heads, heads.num_kv_heads
+    if guess.fused == "interleaved" and num_q and rows_total % (3 * num_q) == 0:
+        head_dim = rows_total // (3 * num_q)
+        grid = torch.arange(rows_total).view(num_q, 3, head_dim)
+        parts = [(r, grid[:, i].reshape(-1), num_q) for i, r in enumerate("qkv")]
+    elif guess.fused == "stacked":
+        if num_q and num_kv and head_dim and (num_q + 2 * num_kv) * head_dim == rows_total:
+            q_rows, kv_rows = num_q * head_dim, num_kv * head_dim
+        elif rows_total % 3 == 0:
+            q_rows = kv_rows = rows_total // 3
+            num_q = num_kv = num_q if num_q and q_rows % num_q == 0 else None
+            head_dim = q_rows // num_q if num_q else None
+        else:
+            return [dict(base, name=source.path, role="other", shape=(rows_total, cols))]
+        bounds = [(0, q_rows), (q_rows, q_rows + kv_rows), (q_rows + kv_rows, rows_total)]
+        parts = [(r, slice(a, b), num_q if r == "q" else num_kv) for r, (a, b) in zip("qkv", bounds)]
+    else:
+        return [dict(base, name=source.path, role="other", shape=(rows_total, cols))]
+    drafts = []
+    for role_name, rows, num in parts:
+        n_rows = (rows.stop - rows.start) if isinstance(rows, slice) else rows.numel()
+        drafts.append(dict(base, name=f"{source.path}[{role_name}]", role=role_name, shape=(n_rows, cols),
+                           num_heads=num, head_dim=head_dim, _rows=rows))
+    return drafts
+
+
+def _canonical_order(draft: dict[str, Any]) -> tuple[int, int, int]:
+    """Embeddings first, then blocks by depth and role (q, k, v, o, mlp...), then the rest
+    (a stable sort keeps model order inside each group)."""
+    role_rank = ROLES.index(draft["role"])
+    if draft["depth"] is not None:
+        return (1, draft["depth"], role_rank)
+    return (0 if draft["role"] in ("embed", "pos_embed") else 2, 0, role_rank)
+
+
+def _apply_role_overrides(drafts: list[dict[str, Any]], roles: Mapping[str, str] | None) -> None:
+    for pattern, role in (roles or {}).items():
+        if role not in ROLES:
+            raise ValueError(f"roles={{{pattern!r}: {role!r}}}: unknown role; choose from {list(ROLES)}")
+        hits = [d for d in drafts if fnmatch.fnmatchcase(d["module_name"], pattern)
+                or fnmatch.fnmatchcase(d["name"], pattern)]
+        if not hits:
+            raise ValueError(
+                f"roles pattern {pattern!r} matches no module; it is a glob on module paths or matrix "
+                f"names such as {[d['name'] for d in drafts[:4]]}"
+            )
+        for d in hits:
+            d["role"] = role
+            d["_overridden"] = True
+
+
+def _assign_keys(drafts: list[dict[str, Any]]) -> None:
+    """``L03_q`` style keys; where two matrices would share one, add the module's own name."""
+    depth_digits = max(2, len(str(max([d["depth"] for d in drafts if d["depth"] is not None], default=0))))
+    bases = [layer_key(d["depth"], d["role"], depth_digits) for d in drafts]
+    counts = Counter(bases)
+    for d, base in zip(drafts, bases):
+        d.pop("_overridden", None)
+        if counts[base] == 1:
+            d["key"] = base
+            continue
+        leaf = d["module_name"].rsplit(".", 1)[-1] if d["module_name"] else d["name"]
+        d["key"] = f"{base}_{sanitize(leaf + ('_' + d['name'][-2] if d['name'].endswith(']') else ''))}"
+    seen: Counter[str] = Counter(d["key"] for d in drafts)
+    for d in drafts:  # still ambiguous (same leaf name twice): fall back to the full path
+        if seen[d["key"]] > 1:
+            d["key"] = f"{layer_key(d['depth'], d['role'], depth_digits)}_{sanitize(d['name'])}"
+
+
+def _selected(draft: dict[str, Any], include, exclude) -> bool:
+    def matches(patterns) -> bool:
+        patterns = [patterns] if isinstance(patterns, str) else patterns
+        return any(fnmatch.fnmatchcase(draft[f], p) for p in patterns for f in ("name", "key", "module_name"))
+
+    return (include is None or matches(include)) and (exclude is None or not matches(exclude))
+
+
+def _warn_unclassified(matrices: tuple[MatrixRef, ...]) -> None:
+    """One warning when the architecture was not recognised inside its blocks (or at all)."""
+    unknown = [m.name for m in matrices if m.role == "other" and m.depth is not None]
+    if not unknown and any(m.role != "other" for m in matrices):
+        return
+    unknown = unknown or [m.name for m in matrices]
+    warnings.warn(
+        f"spectral-plugins: {len(unknown)} of {len(matrices)} matrices have no recognised role and are "
+        f"analysed as role 'other' (e.g. {unknown[:3]}). Name them with "
+        "map_model(..., roles={'<glob on module path>': 'q'|'k'|'v'|'o'|'mlp_in'|...}) "
+        "to get per-role panels.",
+        stacklevel=4,
+    )

@@ -1,0 +1,124 @@
+"""Block importance from spectra and the pruning advice built on it (Liu 2026, phenomenon 4).
+
+Heavy-tailed self-regularisation reads a smaller power-law exponent alpha as a more strongly
+correlated, better-trained matrix. The importance of block b, from the alphas ``alpha_m`` of its
+matrices m (roles q, k, v, o, mlp_* by default; NaN alphas are skipped):
+
+- ``method="alpha"``: ``I_b = -mean_{m in b} alpha_m`` (lower alpha, more important; the default for a
+  single snapshot, which has no earlier alphas);
+- ``method="alpha_reversed"``: ``I_b = +mean_{m in b} alpha_m`` (the opposite reading, for comparison:
+  which sign predicts removal damage on a given model is an empirical question);
+- ``method="alpha_drop"``: ``I_b = mean_{m in b} (alpha_m(first snapshot) - alpha_m(now))``, how much
+  training has lowered the block's alphas (needs a history; the default for one). On the demo model
+  (``docs/reproduction.md``) the absolute alpha ranked the first block, by far the most important,
+  as the least important (its alphas stay highest), while the drop predicted removal damage better.
+
+The advisor removes blocks in increasing order of ``I_b`` (ties: the later block first). These are
+pure functions of numbers; :mod:`spectral_plugins.lifecycle.pruning` does the model surgery and measurement.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..core.snapshot import Snapshot
+from .depth_profile import settled_profile
+from .history import BLOCK_ROLES, SpectralHistory
+
+IMPORTANCE_METHODS = ("alpha", "alpha_reversed", "alpha_drop")
+
+
+@dataclass(frozen=True, eq=False)  # holds arrays: compare the fields you need
+class BlockImportance:
+    """Importance score per block (formulas in the module docs).
+
+    Attributes:
+        depths: (B,) block indices, increasing.
+        scores: (B,) importance ``I_b`` (higher = more important; NaN when no alpha was finite).
+        method: one of :data:`IMPORTANCE_METHODS`.
+    """
+
+    depths: np.ndarray
+    scores: np.ndarray
+    method: str
+
+    def score(self, depth: int) -> float:
+        """``I_b`` of block ``depth``."""
+        return float(self.scores[int(np.flatnonzero(self.depths == depth)[0])])
+
+    def removal_order(self, protect: Iterable[int] = ()) -> tuple[int, ...]:
+        """Blocks from least to most important; NaN scores last, ``protect``-ed blocks left out."""
+        keep = set(protect)
+        scored = [(s if math.isfinite(s) else math.inf, -int(d)) for d, s in zip(self.depths, self.scores)
+                  if int(d) not in keep]
+        return tuple(-d for _, d in sorted(scored))
+
+
+@dataclass(frozen=True)
+class PruningAdvice:
+    """Which blocks to remove first.
+
+    Attributes:
+        order: every candidate block, least important first.
+        remove: the first ``n_remove`` of ``order``.
+        importance: the scores the order came from.
+    """
+
+    order: tuple[int, ...]
+    remove: tuple[int, ...]
+    importance: BlockImportance
+
+
+def block_importance(depths: Sequence[int | None], roles: Sequence[str], alphas: Sequence[float],
+                     reference: Sequence[float] | None = None, method: str = "alpha",
+                     use_roles: Sequence[str] = BLOCK_ROLES) -> BlockImportance:
+    """Importance per block from per-matrix alphas (``reference``: first alphas, for ``alpha_drop``)."""
+    if method not in IMPORTANCE_METHODS:
+        raise ValueError(f"unknown importance method {method!r}; choose from {IMPORTANCE_METHODS}")
+    if method == "alpha_drop" and reference is None:
+        raise ValueError("method='alpha_drop' needs first-snapshot alphas (pass a history)")
+    alphas_arr = np.asarray(alphas, dtype=np.float64)
+    if method == "alpha_drop":
+        values = np.asarray(reference, dtype=np.float64) - alphas_arr
+    else:
+        values = -alphas_arr if method == "alpha" else alphas_arr
+    per_block: dict[int, list[float]] = {}
+    for depth, role, value in zip(depths, roles, values):
+        if depth is None or role not in use_roles:
+            continue
+        bucket = per_block.setdefault(int(depth), [])
+        if math.isfinite(value):
+            bucket.append(float(value))
+    ordered = sorted(per_block)
+    scores = np.array([float(np.mean(per_block[d])) if per_block[d] else math.nan for d in ordered])
+    return BlockImportance(np.asarray(ordered, dtype=np.int64), scores, method)
+
+
+def importance_from_snapshot(snapshot: Snapshot, method: str = "alpha",
+                             use_roles: Sequence[str] = BLOCK_ROLES) -> BlockImportance:
+    """Importance from one snapshot (``alpha`` or ``alpha_reversed``; ``alpha_drop`` needs a history)."""
+    layers = snapshot.layers
+    return block_importance([x.depth for x in layers], [x.role for x in layers], [x.alpha for x in layers],
+                            method=method, use_roles=use_roles)
+
+
+def importance_from_history(history: SpectralHistory, method: str = "alpha_drop", tail_fraction: float = 0.1,
+                            use_roles: Sequence[str] = BLOCK_ROLES) -> BlockImportance:
+    """Importance from a history's settled alphas (mean over the last ``tail_fraction`` of snapshots)."""
+    infos = history.matrices
+    alphas = settled_profile(history.values("alpha"), tail_fraction)
+    return block_importance([i.depth for i in infos], [i.role for i in infos], alphas,
+                            reference=history.reference("alpha"), method=method, use_roles=use_roles)
+
+
+def advise_pruning(importance: BlockImportance, n_remove: int = 1,
+                   protect: Iterable[int] = ()) -> PruningAdvice:
+    """Rank blocks for removal and pick the first ``n_remove`` of them."""
+    order = importance.removal_order(protect)
+    if not 0 <= n_remove <= len(order):
+        raise ValueError(f"n_remove={n_remove} but only {len(order)} blocks can be removed")
+    return PruningAdvice(order, order[:n_remove], importance)

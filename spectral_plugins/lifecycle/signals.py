@@ -1,0 +1,388 @@
+"""The spectral lifecycle of a training run: history in, lifecycle signals out (Liu 2026).
+
+:class:`SpectralLifecycle` is the stateful front: ``update(snapshot)`` appends to a bounded
+:class:`~spectral_plugins.lifecycle.history.SpectralHistory` and returns a :class:`LifecycleState` of this
+step's signals; ``summary()`` returns the run-level :class:`LifecycleSummary`. Both give canonical
+scalars ``{spectral_lifecycle/<name>[/<group>]: value}`` for publishers. The science lives in pure
+functions: :mod:`~spectral_plugins.lifecycle.wave`, :mod:`~spectral_plugins.lifecycle.depth_profile`,
+:mod:`~spectral_plugins.lifecycle.asymmetry`, :mod:`~spectral_plugins.lifecycle.timescales`,
+:mod:`~spectral_plugins.lifecycle.importance`; every definition is in ``docs/lifecycle.md``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..core.keys import lifecycle_key
+from ..core.snapshot import Snapshot
+from . import wave
+from .asymmetry import asymmetry_index, depth_variance, trajectory_asymmetry
+from .depth_profile import InvertedU, alpha_depth_gradient, delta_alpha, fit_inverted_u, settled_profile
+from .history import DEFAULT_MAX_STEPS, DEFAULT_METRICS, ROLE_GROUPS, SpectralHistory
+from .importance import BlockImportance, PruningAdvice, advise_pruning, importance_from_history
+from .timescales import TwoTimescaleFit, fit_two_timescales
+
+
+@dataclass(frozen=True)
+class LifecycleConfig:
+    """Parameters of the lifecycle signals (meanings in ``docs/lifecycle.md``).
+
+    Attributes:
+        groups: role groups to report (names of :data:`~spectral_plugins.lifecycle.history.ROLE_GROUPS`).
+        lag: snapshots between the two stable ranks of a compression rate.
+        rate_floor: a front exists only where the total rate exceeds this fraction of its running max.
+        speed_window: defined fronts in the trailing per-snapshot speed.
+        reversal_margin: |compression order| a phase must exceed to count (normalised-stable-rank units).
+        reversal_patience: consecutive negative-order snapshots that confirm a reversal.
+        tail_fraction: fraction of the last snapshots averaged into the settled alpha profile.
+        inverted_u_level: confidence needed to call a profile an inverted U.
+        importance_method: "alpha", "alpha_reversed" or "alpha_drop"
+            (:mod:`~spectral_plugins.lifecycle.importance`).
+        fit_timescales: whether :meth:`SpectralLifecycle.summary` fits every block matrix's alpha.
+    """
+
+    groups: tuple[str, ...] = ("qk", "vo", "mlp", "all")
+    lag: int = 1
+    rate_floor: float = 0.05
+    speed_window: int = 5
+    reversal_margin: float = 0.01
+    reversal_patience: int = 3
+    tail_fraction: float = 0.1
+    inverted_u_level: float = 0.95
+    importance_method: str = "alpha_drop"
+    fit_timescales: bool = True
+
+    def __post_init__(self) -> None:
+        unknown = [g for g in self.groups if g not in ROLE_GROUPS]
+        if unknown:
+            raise ValueError(f"unknown role group(s) {unknown}; choose from {list(ROLE_GROUPS)}")
+
+
+@dataclass(frozen=True, eq=False)  # holds arrays: compare the fields you need
+class WaveTrajectory:
+    """The compression wave of one role group over the kept steps
+    (see :mod:`~spectral_plugins.lifecycle.wave`).
+
+    Attributes:
+        group: the role group.
+        steps: (T,) steps. depths: (D,) blocks. nsr: (T, D) normalised stable rank.
+        front: (T,) wave-front depth (blocks; NaN while idle).
+        speed: (T,) trailing front speed (blocks per 1k steps).
+        order: (T,) compression order (slope of nsr over relative depth).
+        reversal: the first confirmed reversal.
+        arrivals: (D,) step of each block's peak compression rate before the reversal.
+        wave_speed: blocks per 1k steps from the arrivals; wave_r2: R^2 of that line.
+    """
+
+    group: str
+    steps: np.ndarray
+    depths: np.ndarray
+    nsr: np.ndarray
+    front: np.ndarray
+    speed: np.ndarray
+    order: np.ndarray
+    reversal: wave.Reversal
+    arrivals: np.ndarray
+    wave_speed: float
+    wave_r2: float
+
+
+def wave_trajectory(history: SpectralHistory, group: str, config: LifecycleConfig = LifecycleConfig(),
+                    full_speed: bool = True) -> WaveTrajectory:
+    """The group's wave signals over every kept step (``full_speed=False``: trailing speed only at
+    the last step, which is all :func:`lifecycle_state` needs)."""
+    profile = history.profile("stable_rank", group, normalise=True)
+    steps, depths, nsr = profile.steps, profile.depths, profile.values
+    front = wave.wave_front(steps, depths, nsr, config.lag, config.rate_floor)
+    if full_speed:
+        speed = wave.trailing_speed(steps, front, config.speed_window)
+    else:
+        speed = np.full(steps.shape, np.nan)
+        if steps.size and np.isfinite(front[-1]):
+            recent = np.flatnonzero(np.isfinite(front))[-config.speed_window:]
+            speed[-1] = wave.front_speed(steps[recent], front[recent])
+    order = wave.compression_order(depths, nsr)
+    reversal = wave.detect_reversal(steps, order, config.reversal_margin, config.reversal_patience)
+    until = reversal.step if reversal.reversed else math.inf
+    arrivals = wave.arrival_steps(steps, nsr, config.lag, until)
+    wave_speed, wave_r2 = wave.arrival_speed(depths, arrivals)
+    return WaveTrajectory(group, steps, depths, nsr, front, speed, order, reversal, arrivals, wave_speed,
+                          wave_r2)
+
+
+def alpha_profiles(history: SpectralHistory, group: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(steps, depths, alpha (T, D)) of a role group."""
+    profile = history.profile("alpha", group)
+    return profile.steps, profile.depths, profile.values
+
+
+def asymmetry_series(history: SpectralHistory) -> tuple[np.ndarray, np.ndarray, float]:
+    """(steps, A(t), run-level index) of the Q/K vs V/O asymmetry."""
+    var_qk = depth_variance(history.profile("stable_rank", "qk", normalise=True).values)
+    var_vo = depth_variance(history.profile("stable_rank", "vo", normalise=True).values)
+    return history.steps, asymmetry_index(var_qk, var_vo), trajectory_asymmetry(var_qk, var_vo)
+
+
+@dataclass(frozen=True)
+class GroupState:
+    """One role group's signals at one step (NaN where undefined).
+
+    Attributes:
+        group: role group. front_depth: wave-front depth (blocks). front_speed: trailing speed
+        (blocks per 1k steps). nsr_mean: mean normalised stable rank over the group. nsr_order:
+        compression order. reversed / reversal_step: confirmed reversal so far and its step.
+        delta_alpha: spread of the alpha depth profile. alpha_depth_gradient: its slope per full depth.
+    """
+
+    group: str
+    front_depth: float
+    front_speed: float
+    nsr_mean: float
+    nsr_order: float
+    reversed: bool
+    reversal_step: float
+    delta_alpha: float
+    alpha_depth_gradient: float
+
+
+@dataclass(frozen=True)
+class LifecycleState:
+    """The lifecycle signals at one step; ``qk_vo_asymmetry`` is the index A(t)."""
+
+    step: int
+    groups: tuple[GroupState, ...]
+    qk_vo_asymmetry: float
+
+    def group(self, name: str) -> GroupState:
+        return next(g for g in self.groups if g.group == name)
+
+    def scalars(self) -> dict[str, float]:
+        """``{spectral_lifecycle/<name>[/<group>]: value}``, finite values only."""
+        out = {lifecycle_key("qk_vo_asymmetry"): self.qk_vo_asymmetry}
+        for g in self.groups:
+            out.update({
+                lifecycle_key("wave_front_depth", g.group): g.front_depth,
+                lifecycle_key("wave_front_speed", g.group): g.front_speed,
+                lifecycle_key("nsr_mean", g.group): g.nsr_mean,
+                lifecycle_key("nsr_depth_order", g.group): g.nsr_order,
+                lifecycle_key("wave_reversed", g.group): float(g.reversed),
+                lifecycle_key("wave_reversal_step", g.group): g.reversal_step,
+                lifecycle_key("delta_alpha", g.group): g.delta_alpha,
+                lifecycle_key("alpha_depth_gradient", g.group): g.alpha_depth_gradient,
+            })
+        return _finite(out)
+
+
+def lifecycle_state(history: SpectralHistory, config: LifecycleConfig = LifecycleConfig()) -> LifecycleState:
+    """The signals at the history's last step."""
+    if len(history) == 0:
+        raise ValueError("the history is empty")
+    groups = []
+    for name in config.groups:
+        w = wave_trajectory(history, name, config, full_speed=False)
+        _, depths, alpha = alpha_profiles(history, name)
+        last_nsr = w.nsr[-1] if w.nsr.size else np.array([])
+        groups.append(GroupState(
+            name, _last(w.front), _last(w.speed), _nanmean(last_nsr), _last(w.order), w.reversal.reversed,
+            w.reversal.step, _last(delta_alpha(alpha[-1:])) if alpha.size else math.nan,
+            _last(alpha_depth_gradient(depths, alpha[-1:])) if alpha.size else math.nan))
+    _, index, _ = asymmetry_series(history)
+    return LifecycleState(int(history.steps[-1]), tuple(groups), _last(index))
+
+
+@dataclass(frozen=True, eq=False)  # holds arrays: compare the fields you need
+class GroupSummary:
+    """One role group over the whole run.
+
+    Attributes:
+        group: role group. num_blocks: depths present. wave_speed / wave_r2: arrival-based speed
+        (blocks per 1k steps) and its R^2. reversed / reversal_step: the reversal. final_nsr_order:
+        compression order at the last step. delta_alpha / alpha_depth_gradient: of the settled alpha
+        profile. settled_alpha: (D,) that profile. inverted_u: its quadratic fit. tau_fast / tau_slow:
+        medians over the group's matrices of the two-timescale fit of alpha (steps).
+    """
+
+    group: str
+    num_blocks: int
+    wave_speed: float
+    wave_r2: float
+    reversed: bool
+    reversal_step: float
+    final_nsr_order: float
+    delta_alpha: float
+    alpha_depth_gradient: float
+    settled_alpha: np.ndarray = field(repr=False)
+    inverted_u: InvertedU = field(default_factory=InvertedU.undefined)
+    tau_fast: float = math.nan
+    tau_slow: float = math.nan
+
+
+@dataclass(frozen=True)
+class LayerTimescales:
+    """The two-timescale fit of one matrix's alpha."""
+
+    key: str
+    depth: int | None
+    role: str
+    fit: TwoTimescaleFit
+
+
+@dataclass(frozen=True)
+class LifecycleSummary:
+    """The run-level lifecycle figures (definitions in ``docs/lifecycle.md``)."""
+
+    step: int
+    num_blocks: int
+    groups: tuple[GroupSummary, ...]
+    qk_vo_asymmetry: float
+    timescales: tuple[LayerTimescales, ...]
+    importance: BlockImportance
+    advice: PruningAdvice
+
+    def group(self, name: str) -> GroupSummary:
+        return next(g for g in self.groups if g.group == name)
+
+    def scalars(self) -> dict[str, float]:
+        """``{spectral_lifecycle/<name>[/<group or layer key>]: value}``, finite values only."""
+        out = {lifecycle_key("qk_vo_asymmetry_run"): self.qk_vo_asymmetry,
+               lifecycle_key("num_blocks"): float(self.num_blocks)}
+        for g in self.groups:
+            u = g.inverted_u
+            out.update({
+                lifecycle_key("wave_speed", g.group): g.wave_speed,
+                lifecycle_key("wave_r2", g.group): g.wave_r2,
+                lifecycle_key("wave_reversed", g.group): float(g.reversed),
+                lifecycle_key("wave_reversal_step", g.group): g.reversal_step,
+                lifecycle_key("delta_alpha", g.group): g.delta_alpha,
+                lifecycle_key("alpha_depth_gradient", g.group): g.alpha_depth_gradient,
+                lifecycle_key("alpha_inverted_u", g.group): float(u.is_inverted_u),
+                lifecycle_key("alpha_peak_depth", g.group): u.peak_depth,
+                lifecycle_key("alpha_peak_relative_depth", g.group): u.peak_relative_depth,
+                lifecycle_key("alpha_peak_confidence", g.group): u.confidence,
+                lifecycle_key("alpha_tau_fast", g.group): g.tau_fast,
+                lifecycle_key("alpha_tau_slow", g.group): g.tau_slow,
+            })
+        for layer in self.timescales:
+            out[lifecycle_key("alpha_tau_fast", layer.key)] = layer.fit.tau_fast
+            out[lifecycle_key("alpha_tau_slow", layer.key)] = layer.fit.tau_slow
+        for rank, depth in enumerate(self.advice.order):
+            out[lifecycle_key("prune_rank", f"L{depth:02d}")] = float(rank)
+        return _finite(out)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (arrays as lists, NaN as None) for reports and files."""
+        return _jsonable(asdict(self))
+
+
+def summarize(history: SpectralHistory, config: LifecycleConfig = LifecycleConfig()) -> LifecycleSummary:
+    """Every run-level lifecycle figure of a history."""
+    if len(history) == 0:
+        raise ValueError("the history is empty")
+    timescales = _layer_timescales(history) if config.fit_timescales else ()
+    groups = []
+    for name in config.groups:
+        w = wave_trajectory(history, name, config, full_speed=False)
+        _, depths, alpha = alpha_profiles(history, name)
+        settled = settled_profile(alpha, config.tail_fraction) if alpha.size else np.array([])
+        roles = set(ROLE_GROUPS[name])
+        fits = [t.fit for t in timescales if t.role in roles and t.fit.ok]
+        groups.append(GroupSummary(
+            name, int(depths.size), w.wave_speed, w.wave_r2, w.reversal.reversed, w.reversal.step,
+            _last(w.order), _last(delta_alpha(settled[None, :])) if settled.size else math.nan,
+            _last(alpha_depth_gradient(depths, settled[None, :])) if settled.size else math.nan,
+            settled, fit_inverted_u(depths, settled, config.inverted_u_level),
+            _median([f.tau_fast for f in fits]), _median([f.tau_slow for f in fits])))
+    _, _, run_asymmetry = asymmetry_series(history)
+    importance = importance_from_history(history, config.importance_method, config.tail_fraction)
+    advice = advise_pruning(importance, n_remove=0)
+    return LifecycleSummary(int(history.steps[-1]), history.num_blocks, tuple(groups), run_asymmetry,
+                            timescales, importance, advice)
+
+
+def _layer_timescales(history: SpectralHistory) -> tuple[LayerTimescales, ...]:
+    steps, alphas = history.steps, history.values("alpha")
+    block_roles = set(ROLE_GROUPS["all"])
+    return tuple(LayerTimescales(info.key, info.depth, info.role, fit_two_timescales(steps, alphas[:, j]))
+                 for j, info in enumerate(history.matrices)
+                 if info.depth is not None and info.role in block_roles)
+
+
+class SpectralLifecycle:
+    """Keeps a bounded history and turns each snapshot into lifecycle signals.
+
+    Args:
+        config: signal parameters.
+        metrics: metrics the history keeps (needs ``stable_rank`` and ``alpha``).
+        max_steps: the history's cap on kept steps.
+    """
+
+    def __init__(self, config: LifecycleConfig | None = None, metrics: Sequence[str] = DEFAULT_METRICS,
+                 max_steps: int = DEFAULT_MAX_STEPS) -> None:
+        missing = {"stable_rank", "alpha"} - set(metrics)
+        if missing:
+            raise ValueError(f"the lifecycle needs metrics {sorted(missing)} in the history")
+        self.config = config or LifecycleConfig()
+        self.history = SpectralHistory(metrics, max_steps)
+
+    def update(self, snapshot: Snapshot) -> LifecycleState:
+        """Append ``snapshot`` and return the signals at its step."""
+        self.history.append(snapshot)
+        return lifecycle_state(self.history, self.config)
+
+    def state(self) -> LifecycleState:
+        """The signals at the last appended step."""
+        return lifecycle_state(self.history, self.config)
+
+    def summary(self) -> LifecycleSummary:
+        """The run-level figures so far."""
+        return summarize(self.history, self.config)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain data for a checkpoint: the history's state and the config."""
+        config = asdict(self.config)
+        config["groups"] = list(self.config.groups)
+        return {"history": self.history.to_state(), "config": config}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore from :meth:`state_dict` output (exactly)."""
+        config = dict(state["config"])
+        config["groups"] = tuple(config["groups"])
+        self.config = LifecycleConfig(**config)
+        self.history = SpectralHistory.from_state(state["history"])
+
+
+def _finite(values: Mapping[str, float]) -> dict[str, float]:
+    return {k: float(v) for k, v in values.items() if v is not None and math.isfinite(v)}
+
+
+def _last(values: np.ndarray) -> float:
+    return float(values[-1]) if np.size(values) else math.nan
+
+
+def _nanmean(values: np.ndarray) -> float:
+    finite = np.asarray(values)[np.isfinite(values)]
+    return float(finite.mean()) if finite.size else math.nan
+
+
+def _median(values: list[float]) -> float:
+    finite = [v for v in values if math.isfinite(v)]
+    return float(np.median(finite)) if finite else math.nan
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value

@@ -1,0 +1,174 @@
+"""Analyses that run on every snapshot: the tracker's optional hooks, and the built-in ones.
+
+An :class:`Analysis` receives each :class:`~spectral_plugins.core.snapshot.Snapshot` (and the model map)
+and returns extra scalars and tables for the same step; at the end of the run it returns run-level
+figures and summary text. :class:`~spectral_plugins.runtime.tracker.SpectralTracker` runs them after the
+engine and before publishing; one that raises is disabled with a warning, the others go on.
+
+Built in: :class:`LifecycleAnalysis` (:mod:`spectral_plugins.lifecycle.signals`, on by default) and
+:class:`AttentionAnalysis` (:mod:`spectral_plugins.attention.bounds`, opt-in). Each imports its module when
+created, so the tracker works without them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, Protocol, runtime_checkable
+
+from torch import nn
+
+from ..core.model_map import ModelMap
+from ..core.snapshot import Snapshot
+
+log = logging.getLogger("spectral_plugins")
+
+
+@dataclass(frozen=True)
+class AnalysisOutput:
+    """What an :class:`Analysis` adds to a step or to the run summary.
+
+    Attributes:
+        scalars: canonical keys (``spectral_lifecycle/...``, ``spectral_attention/...``) to values.
+        tables: named tables, each a list of row dicts.
+        text: lines for the console summary.
+    """
+
+    scalars: Mapping[str, float] = field(default_factory=dict)
+    tables: Mapping[str, list[dict[str, Any]]] = field(default_factory=dict)
+    text: str = ""
+
+
+@runtime_checkable
+class Analysis(Protocol):
+    """A computation over snapshots, run by the tracker after each snapshot (optional hook)."""
+
+    name: str
+
+    def update(self, snapshot: Snapshot, model_map: ModelMap) -> AnalysisOutput:
+        """Consume one snapshot; return this step's extra scalars and tables."""
+
+    def summary(self) -> AnalysisOutput:
+        """Run-level figures for the end-of-run summary."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain data (lists, dicts, numbers, strings, None) to resume from."""
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` output."""
+
+
+class LifecycleAnalysis:
+    """The lifecycle signals (:mod:`spectral_plugins.lifecycle.signals`) as a tracker hook: per-step
+    ``spectral_lifecycle/...`` scalars, and the run-level figures plus pruning advice at the end."""
+
+    name = "lifecycle"
+
+    def __init__(self, max_steps: int | None = None) -> None:
+        from ..lifecycle.signals import SpectralLifecycle
+
+        self.lifecycle = SpectralLifecycle() if max_steps is None else SpectralLifecycle(max_steps=max_steps)
+
+    @property
+    def history(self) -> Any:
+        return self.lifecycle.history
+
+    def update(self, snapshot: Snapshot, model_map: ModelMap) -> AnalysisOutput:
+        return AnalysisOutput(scalars=self.lifecycle.update(snapshot).scalars())
+
+    def summary(self) -> AnalysisOutput:
+        """Run-level figures; a name also used per step gets the suffix ``_run``
+        (``spectral_lifecycle/delta_alpha_run/qk``), so no series receives a second point."""
+        if len(self.lifecycle.history) == 0:
+            return AnalysisOutput()
+        result = self.lifecycle.summary()
+        per_step = _per_step_names()
+        scalars = {}
+        for key, value in result.scalars().items():
+            section, name, *rest = key.split("/")
+            scalars["/".join([section, f"{name}_run" if name in per_step else name, *rest])] = value
+        return AnalysisOutput(scalars=scalars, text=lifecycle_text(result))
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.lifecycle.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.lifecycle.load_state_dict(state)
+
+
+class AttentionAnalysis:
+    """The attention logit bounds (:func:`~spectral_plugins.attention.bounds.attention_bounds`) as a tracker
+    hook: per-step ``spectral_attention/<name>/<layer>`` scalars and an ``attention_heads`` table."""
+
+    name = "attention"
+
+    def __init__(self, model: nn.Module, **options: Any) -> None:
+        from ..attention.bounds import attention_bounds
+
+        self._bounds = attention_bounds
+        self.model = model
+        self.options = options
+        self.last: Any = None
+
+    def update(self, snapshot: Snapshot, model_map: ModelMap) -> AnalysisOutput:
+        self.last = self._bounds(self.model, model_map=model_map, **self.options)
+        return AnalysisOutput(scalars=self.last.scalars(), tables={"attention_heads": self.last.head_rows()})
+
+    def summary(self) -> AnalysisOutput:
+        if self.last is None:
+            return AnalysisOutput()
+        lines = [f"attention logit bounds (delta {self.last.delta:g}, n {self.last.seq_len}):"]
+        for layer in self.last.layers:
+            lines.append(f"  {layer.key}: |logit| <= {fmt(layer.bound())}, "
+                         f"rank-aware {fmt(layer.bound('rank_aware'))}, "
+                         f"FP8 E4M3 scale {fmt(layer.fp8_scale('e4m3', 'rank_aware'))}")
+        return AnalysisOutput(text="\n".join(lines))  # the scalars' last points are the final ones
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Nothing to restore: the bounds depend only on the current weights."""
+
+
+def _per_step_names() -> set[str]:
+    """Names of the per-step lifecycle scalars (``spectral_lifecycle/<name>/...``), read off a probe state."""
+    from ..lifecycle.signals import GroupState, LifecycleState
+
+    values = [1.0] * (len(fields(GroupState)) - 1)
+    probe = LifecycleState(0, (GroupState("all", *values),), 1.0)  # type: ignore[arg-type]
+    return {key.split("/")[1] for key in probe.scalars()}
+
+
+def default_analyses(history: bool | int) -> list[Analysis]:
+    if history is False:
+        return []
+    if isinstance(history, int) and not isinstance(history, bool) and history < 1:
+        raise ValueError(f"history must be True, False or a positive number of kept steps, got {history!r}")
+    try:
+        return [LifecycleAnalysis(None if history is True else int(history))]
+    except ImportError:  # the lifecycle module is optional for the tracker
+        log.debug("lifecycle analysis unavailable", exc_info=True)
+        return []
+
+
+def lifecycle_text(result: Any) -> str:
+    """Lines summarising a :class:`~spectral_plugins.lifecycle.signals.LifecycleSummary`."""
+    lines = [f"lifecycle over {result.num_blocks} blocks (step {result.step}); "
+             f"Q/K vs V/O asymmetry {fmt(result.qk_vo_asymmetry)}"]
+    for g in result.groups:
+        reversal = f"reversed at step {fmt(g.reversal_step)}" if g.reversed else "no reversal yet"
+        lines.append(f"  {g.group:>4}: compression wave {reversal}, speed {fmt(g.wave_speed)} "
+                     f"blocks/1k steps; delta alpha {fmt(g.delta_alpha)}, "
+                     f"alpha depth gradient {fmt(g.alpha_depth_gradient)}")
+    order = ", ".join(str(d) for d in result.advice.order)
+    if order:
+        method = result.importance.method
+        lines.append(f"  pruning advice (least important block first, by {method}): {order}")
+    return "\n".join(lines)
+
+
+def fmt(value: float) -> str:
+    return "nan" if not math.isfinite(value) else f"{value:.4g}"

@@ -1,0 +1,154 @@
+"""What the core hands to publishers, the publisher protocol, and the guard that keeps a failing
+tracker from ever reaching the training loop."""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from ..core.heatmap import Heatmap, heatmaps
+from ..core.metrics import METRIC_NAMES
+from ..core.snapshot import Snapshot
+
+log = logging.getLogger("spectral_plugins")
+
+
+@dataclass(frozen=True)
+class StepReport:
+    """Everything published for one snapshot step.
+
+    Attributes:
+        step: the training step the weights belong to.
+        snapshot: the per-matrix spectra and metrics.
+        metrics: the metric names to publish (a subset of :data:`~spectral_plugins.core.metrics.METRICS`).
+        extra_scalars: canonical scalars computed beyond the snapshot (lifecycle ``spectral_lifecycle/...``,
+            attention ``spectral_attention/...``), already keyed.
+        tables: named tables (``{name: list of row dicts}``) such as per-head attention bounds.
+        heatmap_metrics: the metrics drawn as depth x role heatmaps (None: every published metric).
+    """
+
+    step: int
+    snapshot: Snapshot
+    metrics: tuple[str, ...] = METRIC_NAMES
+    extra_scalars: Mapping[str, float] = field(default_factory=dict)
+    tables: Mapping[str, list[dict[str, Any]]] = field(default_factory=dict)
+    heatmap_metrics: tuple[str, ...] | None = None
+
+    def scalars(self) -> dict[str, float]:
+        """All scalars of this step under their canonical keys (NaN values dropped)."""
+        values = {**self.snapshot.scalars(self.metrics), **self.extra_scalars}
+        return {k: float(v) for k, v in values.items() if v is not None and math.isfinite(float(v))}
+
+    def heatmaps(self) -> list[Heatmap]:
+        """One depth x role grid per heatmap metric, computed once for all publishers."""
+        cached = self.__dict__.get("_heatmaps")
+        if cached is None:
+            chosen = self.metrics if self.heatmap_metrics is None else self.heatmap_metrics
+            cached = heatmaps(self.snapshot, chosen)
+            object.__setattr__(self, "_heatmaps", cached)  # a cache, not state: frozen otherwise
+        return list(cached)
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """What is published once at the end of a run.
+
+    Attributes:
+        last: the last step's report (final per-layer table = ``last.snapshot.to_records()``).
+        summary_scalars: final figures to keep as the run's summary (lifecycle summaries, pruning
+            advice scores), under canonical keys.
+        text: a human-readable summary for consoles and text panels.
+        config: the monitor's configuration, for trackers that record parameters.
+    """
+
+    last: StepReport
+    summary_scalars: Mapping[str, float] = field(default_factory=dict)
+    text: str = ""
+    config: Mapping[str, Any] = field(default_factory=dict)
+
+
+def flatten_config(config: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """``[(key, value)]`` with nested mappings flattened into ``a/b`` keys (params, text tables)."""
+    flat: list[tuple[str, Any]] = []
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.extend(flatten_config(value, name + "/"))
+        else:
+            flat.append((name, value))
+    return flat
+
+
+@runtime_checkable
+class Publisher(Protocol):
+    """A tracker sink. Implementations translate core results into one tracker's native form."""
+
+    name: str
+
+    def publish_config(self, config: Mapping[str, Any]) -> None:
+        """Record the monitor's configuration once (params / hyper-parameters)."""
+
+    def publish_step(self, report: StepReport) -> None:
+        """Publish one snapshot step."""
+
+    def publish_summary(self, summary: RunSummary) -> None:
+        """Publish the end-of-run summary."""
+
+    def close(self) -> None:
+        """Flush and release what the publisher opened itself (never a run the user owns)."""
+
+
+class GuardedPublisher:
+    """Wraps a publisher so that none of its errors reach training.
+
+    The first failure warns once (naming the publisher and the error); the publisher is retried on
+    the next call, and after ``max_consecutive_failures`` failures in a row it is disabled with a
+    second warning. Other publishers are unaffected because each one is guarded separately.
+    """
+
+    def __init__(self, publisher: Publisher, max_consecutive_failures: int = 3) -> None:
+        self.publisher = publisher
+        self.name = getattr(publisher, "name", type(publisher).__name__)
+        self.max_consecutive_failures = max_consecutive_failures
+        self.failures = 0
+        self.consecutive_failures = 0
+        self.disabled = False
+        self._warned = False
+
+    def publish_config(self, config: Mapping[str, Any]) -> None:
+        self._call("publish_config", config)
+
+    def publish_step(self, report: StepReport) -> None:
+        self._call("publish_step", report)
+
+    def publish_summary(self, summary: RunSummary) -> None:
+        self._call("publish_summary", summary)
+
+    def close(self) -> None:
+        self._call("close", force=True)
+
+    def _call(self, method: str, *args: Any, force: bool = False) -> None:
+        if self.disabled and not force:
+            return
+        try:
+            getattr(self.publisher, method)(*args)
+        except Exception as error:  # noqa: BLE001 - monitoring must never break training
+            self.failures += 1
+            self.consecutive_failures += 1
+            log.debug("publisher %s.%s failed", self.name, method, exc_info=True)
+            if not self._warned:
+                self._warned = True
+                warnings.warn(f"spectral-plugins: publisher {self.name!r} failed in {method} "
+                              f"({type(error).__name__}: {error}); training continues, it will be retried",
+                              RuntimeWarning, stacklevel=4)
+            if self.consecutive_failures >= self.max_consecutive_failures and not self.disabled:
+                self.disabled = True
+                warnings.warn(f"spectral-plugins: publisher {self.name!r} failed {self.consecutive_failures} "
+                              "times in a row and is disabled for the rest of the run", RuntimeWarning,
+                              stacklevel=4)
+        else:
+            self.consecutive_failures = 0

@@ -1,0 +1,210 @@
+"""Lifecycle signals recover the known answers of constructed histories (tests/synthetic.py)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from spectral_plugins.core.snapshot import Snapshot
+from spectral_plugins.lifecycle import wave
+from spectral_plugins.lifecycle.asymmetry import asymmetry_index, depth_variance, trajectory_asymmetry
+from spectral_plugins.lifecycle.depth_profile import delta_alpha, fit_inverted_u, settled_profile
+from spectral_plugins.lifecycle.signals import (
+    LifecycleConfig,
+    SpectralLifecycle,
+    lifecycle_state,
+    summarize,
+    wave_trajectory,
+)
+from spectral_plugins.lifecycle.timescales import fit_two_timescales
+from tests.synthetic import layer, profile_history, wave_history
+
+SPEED = 4.0  # blocks per 1k steps
+T0, T_R, RAMP_TAU, RAMP_DEPTH, MARGIN = 2000.0, 7000.0, 2000.0, 0.2, 0.01
+# The order crosses -margin at t_r + margin * tau / B (tests/synthetic.py); the wave-only roles are 4 of
+# the 6 in the "all" group, so there the ramp is 4/6 as steep.
+REVERSAL_QK = T_R + MARGIN * RAMP_TAU / RAMP_DEPTH
+REVERSAL_ALL = T_R + MARGIN * RAMP_TAU / (RAMP_DEPTH * 4 / 6)
+FAST_CONFIG = LifecycleConfig(fit_timescales=False)
+
+
+@pytest.fixture(scope="module")
+def clean() -> object:
+    return wave_history(speed=SPEED, t0=T0, t_r=T_R, ramp_tau=RAMP_TAU, ramp_depth=RAMP_DEPTH)
+
+
+def test_wave_speed_and_reversal_recovered_exactly_without_noise(clean) -> None:
+    w = wave_trajectory(clean, "qk", FAST_CONFIG)
+    assert w.wave_speed == pytest.approx(SPEED, rel=0.01)  # tolerance 1 %
+    assert w.wave_r2 > 0.999
+    assert w.reversal.reversed
+    assert w.reversal.step == pytest.approx(REVERSAL_QK, abs=25)  # one snapshot interval
+    w_all = wave_trajectory(clean, "all", FAST_CONFIG)
+    assert w_all.reversal.step == pytest.approx(REVERSAL_ALL, abs=25)
+    # V/O compress uniformly: no order, no reversal, no wave speed worth the name.
+    w_vo = wave_trajectory(clean, "vo", FAST_CONFIG)
+    assert not w_vo.reversal.reversed
+    assert np.nanmax(np.abs(w_vo.order)) < 1e-12
+
+
+def test_front_follows_the_known_trajectory_inside_the_depth_range(clean) -> None:
+    w = wave_trajectory(clean, "qk", FAST_CONFIG)
+    # a rate belongs to the middle of its 25-step interval; the centroid is pulled inward within about
+    # two front widths of either end of the depth range, so compare three blocks inside it
+    expected = SPEED / 1000.0 * (w.steps - 12.5 - T0)
+    interior = (expected > 3) & (expected < 8) & (w.steps < T_R)
+    assert interior.sum() >= 45
+    np.testing.assert_allclose(w.front[interior], expected[interior], atol=0.15)  # 0.15 blocks
+    assert np.nanmedian(w.speed[interior]) == pytest.approx(SPEED, rel=0.05)
+
+
+def test_wave_survives_noise() -> None:
+    noisy = wave_history(speed=SPEED, t0=T0, t_r=T_R, ramp_tau=RAMP_TAU, ramp_depth=RAMP_DEPTH,
+                         noise=0.002, seed=3)
+    config = LifecycleConfig(fit_timescales=False, lag=4)
+    w = wave_trajectory(noisy, "qk", config)
+    assert w.wave_speed == pytest.approx(SPEED, rel=0.1)  # tolerance 10 %
+    assert w.reversal.reversed
+    assert w.reversal.step == pytest.approx(REVERSAL_QK, abs=250)  # tolerance 250 steps
+
+
+def test_no_reversal_without_late_compression() -> None:
+    h = wave_history(t_r=1e9, last=6000)
+    w = wave_trajectory(h, "qk", FAST_CONFIG)
+    assert not w.reversal.reversed and math.isnan(w.reversal.step)
+    assert w.wave_speed == pytest.approx(SPEED, rel=0.01)
+
+
+def test_reversal_detector_rules() -> None:
+    steps = np.arange(8) * 10.0
+    assert wave.detect_reversal(steps, np.array([0, 0.05, 0.02, -0.02, -0.05, -0.05, -0.06, -0.07])).step == \
+        pytest.approx(27.5)  # 0.02 -> -0.02 between steps 20 and 30 crosses -0.01 at 27.5
+    never_positive = np.array([0, -0.05, -0.05, -0.05, -0.05, -0.05, -0.05, -0.05])
+    assert not wave.detect_reversal(steps, never_positive).reversed
+    blip = np.array([0, 0.05, -0.05, 0.05, 0.05, 0.05, 0.05, 0.05])  # one negative snapshot: not confirmed
+    assert not wave.detect_reversal(steps, blip, patience=2).reversed
+
+
+def test_compression_rate_and_front_definitions() -> None:
+    steps = np.array([0.0, 10.0, 20.0])
+    nsr = np.array([[1.0, 1.0, 1.0], [0.9, 1.0, 1.0], [0.9, 1.0, 0.8]])
+    np.testing.assert_allclose(wave.compression_rate(steps, nsr), [[0, 0, 0], [0.01, 0, 0], [0, 0, 0.02]])
+    front = wave.wave_front(steps, np.array([0, 1, 2]), nsr)
+    assert math.isnan(front[0]) and front[1] == 0.0 and front[2] == 2.0
+
+
+def test_inverted_u_recovers_a_known_peak() -> None:
+    depths = np.arange(16)
+    rng = np.random.default_rng(0)
+    profile = 3.0 - 0.02 * (depths - 6.3) ** 2 + rng.normal(0, 0.02, depths.size)
+    fit = fit_inverted_u(depths, profile)
+    assert fit.is_inverted_u and fit.confidence > 0.99
+    assert fit.peak_depth == pytest.approx(6.3, abs=0.3)  # tolerance 0.3 blocks
+    assert abs(fit.peak_depth - 6.3) < 4 * fit.peak_stderr + 1e-9
+    assert fit.peak_relative_depth == pytest.approx(6.3 / 15, abs=0.02)
+    assert fit.curvature == pytest.approx(-0.02, rel=0.1)
+
+
+def test_profiles_that_are_not_an_inverted_u() -> None:
+    depths = np.arange(12)
+    rng = np.random.default_rng(1)
+    linear = 2.0 + 0.1 * depths + rng.normal(0, 0.02, depths.size)
+    assert not fit_inverted_u(depths, linear).is_inverted_u
+    u_shape = 3.0 + 0.02 * (depths - 5.5) ** 2
+    fit = fit_inverted_u(depths, u_shape)
+    assert not fit.is_inverted_u and fit.confidence < 0.01 and math.isnan(fit.peak_depth)
+    concave_rising = 3.0 - 0.01 * (depths - 20.0) ** 2  # peak beyond the last block
+    fit = fit_inverted_u(depths, concave_rising)
+    assert not fit.is_inverted_u and fit.peak_depth > 11
+    assert not fit_inverted_u(depths[:3], linear[:3]).is_inverted_u  # too few depths
+
+
+def test_delta_alpha_gradient_and_settled_profile() -> None:
+    values = np.array([[1.0, 2.0, 4.0], [1.0, np.nan, 3.0], [np.nan, np.nan, 2.0]])
+    np.testing.assert_array_equal(delta_alpha(values)[:2], [3.0, 2.0])
+    assert math.isnan(delta_alpha(values)[2])
+    np.testing.assert_array_equal(settled_profile(values, 0.5), [1.0, np.nan, 2.5])
+    h = profile_history(2.0 + 0.3 * np.arange(6))
+    s = summarize(h, FAST_CONFIG).group("all")
+    assert s.delta_alpha == pytest.approx(1.5)
+    assert s.alpha_depth_gradient == pytest.approx(1.5)  # alpha per full depth
+
+
+def test_two_timescales_recovered() -> None:
+    steps = np.arange(0, 10001, 25.0)
+    rng = np.random.default_rng(2)
+    y = 2.5 + 1.0 * np.exp(-steps / 100) + 0.8 * np.exp(-steps / 3000) + rng.normal(0, 0.005, steps.size)
+    fit = fit_two_timescales(steps + 500, y)  # the fit counts time from the first point
+    assert fit.ok and fit.r2 > 0.99
+    assert fit.tau_fast == pytest.approx(100, rel=0.1)  # tolerance 10 %
+    assert fit.tau_slow == pytest.approx(3000, rel=0.1)
+    assert fit.amp_fast == pytest.approx(1.0, rel=0.05) and fit.amp_slow == pytest.approx(0.8, rel=0.05)
+    assert fit.drift_rate == pytest.approx(-0.8 / 3000, rel=0.1)
+    assert not fit_two_timescales(steps[:5], y[:5]).ok
+
+
+def test_asymmetry_index_definition() -> None:
+    qk = np.array([[1.0, 0.8, 0.6], [1.0, 1.0, 1.0]])
+    vo = np.array([[0.9, 0.9, 0.9], [1.0, 1.0, 1.0]])
+    v_qk, v_vo = depth_variance(qk), depth_variance(vo)
+    assert v_qk[0] == pytest.approx(np.var([1.0, 0.8, 0.6]))
+    index = asymmetry_index(v_qk, v_vo)
+    assert index[0] == pytest.approx(1.0) and math.isnan(index[1])
+    assert asymmetry_index(np.array([1.0]), np.array([3.0]))[0] == pytest.approx(-0.5)
+    assert trajectory_asymmetry(np.array([1.0, 3.0]), np.array([1.0, 1.0])) == pytest.approx(1 / 3)
+
+
+def test_state_and_summary_of_the_synthetic_run(clean) -> None:
+    state = lifecycle_state(clean, FAST_CONFIG)
+    assert state.step == 10000
+    assert state.qk_vo_asymmetry == pytest.approx(1.0)  # V/O uniform over depth
+    assert state.group("qk").reversed
+    scalars = state.scalars()
+    assert scalars["spectral_lifecycle/qk_vo_asymmetry"] == pytest.approx(1.0)
+    assert scalars["spectral_lifecycle/wave_reversal_step/qk"] == pytest.approx(REVERSAL_QK, abs=25)
+    assert all(k.startswith("spectral_lifecycle/") and math.isfinite(v) for k, v in scalars.items())
+    assert "spectral_lifecycle/wave_front_depth/mlp" in scalars
+    assert not any(k.endswith("/vo") and "front_depth" in k for k in scalars)  # NaN values are left out
+    summary = summarize(clean, FAST_CONFIG)
+    assert summary.qk_vo_asymmetry == pytest.approx(1.0)
+    assert summary.group("qk").wave_speed == pytest.approx(SPEED, rel=0.01)
+    assert summary.num_blocks == 12
+    json.dumps(summary.to_dict(), allow_nan=False)
+
+
+def test_summary_timescales_and_inverted_u_on_a_known_alpha_profile() -> None:
+    h = wave_history(num_blocks=10, alpha_profile=lambda d: 3.0 - 0.02 * (d - 4.0) ** 2, last=6000)
+    summary = summarize(h, LifecycleConfig(groups=("qk", "all"), importance_method="alpha"))
+    g = summary.group("all")
+    assert g.inverted_u.is_inverted_u and g.inverted_u.peak_depth == pytest.approx(4.0, abs=0.05)
+    assert g.tau_fast == pytest.approx(100, rel=0.05) and g.tau_slow == pytest.approx(3000, rel=0.05)
+    assert len(summary.timescales) == 10 * 6
+    scalars = summary.scalars()
+    assert scalars["spectral_lifecycle/alpha_tau_fast/L04_q"] == pytest.approx(100, rel=0.05)
+    assert scalars["spectral_lifecycle/alpha_peak_depth/all"] == pytest.approx(4.0, abs=0.05)
+    # importance (alpha method): the lowest-alpha blocks (the edges of the inverted U) are the most important
+    assert summary.advice.order[0] == 4
+
+
+def test_spectral_lifecycle_updates_and_resumes_exactly() -> None:
+    lc = SpectralLifecycle(LifecycleConfig(fit_timescales=False), max_steps=16)
+    resumed = None
+    for step in range(40):
+        layers = tuple(layer(f"L{d:02d}_{r}", d, r, stable_rank=10 - 0.1 * step * (d + 1) / 4,
+                             alpha=3 + 0.01 * d) for d in range(4) for r in ("q", "k", "v", "o"))
+        state = lc.update(Snapshot(step * 10, layers))
+        if step == 20:
+            resumed = SpectralLifecycle()
+            resumed.load_state_dict(json.loads(json.dumps(lc.state_dict())))
+        elif resumed is not None:
+            resumed.update(Snapshot(step * 10, layers))
+    assert state.step == 390 and len(lc.history) <= 16
+    assert resumed.state_dict() == lc.state_dict()
+    assert resumed.state().scalars() == lc.state().scalars()
+    with pytest.raises(ValueError, match="needs metrics"):
+        SpectralLifecycle(metrics=("alpha",))
+    with pytest.raises(ValueError, match="unknown role group"):
+        LifecycleConfig(groups=("nope",))
