@@ -319,6 +319,9 @@ def _worker(rank: int, world: int, scenarios: tuple[str, ...], folder: str) -> N
                 results[scenario] = {"error": traceback.format_exc()}
         with open(Path(folder) / f"rank{rank}.pkl", "wb") as f:
             pickle.dump(results, f)
+        # Tear down together: a rank that destroys its gloo group while a peer still uses the
+        # connection can abort that peer (SIGABRT, exit code -6).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
