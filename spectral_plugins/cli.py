@@ -10,8 +10,7 @@ from pathlib import Path
 
 from .core.engine import METHODS, SpectralEngine
 from .core.metrics import METRIC_NAMES
-from .core.snapshot import Snapshot
-from .runtime.tracker import layer_table
+from .core.snapshot import Snapshot, layer_table
 
 # (module, function) pairs that add a subcommand; a module whose extra is missing is skipped.
 _SUBCOMMANDS = (

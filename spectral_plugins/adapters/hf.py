@@ -42,8 +42,8 @@ from typing import Any
 from ..core.engine import METHODS
 from ..core.metrics import validate_metric_names
 from ..core.options import positive_int
-from ..runtime.publishing import Publisher, RunSummary
-from ..runtime.tracker import SpectralTracker, console
+from ..runtime.publishing import Publisher, RunSummary, console
+from ..runtime.tracker import SpectralTracker
 
 __all__ = [
     "INSTALL_HINT", "NATIVE_TRACKERS", "NOT_TRACKERS", "TENSORBOARD_SUBDIR", "SpectralCallback",

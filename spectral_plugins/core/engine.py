@@ -199,6 +199,20 @@ _TF32_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
+def cpu_threads(threads: int | None) -> Iterator[None]:
+    """Run the block with ``torch.set_num_threads(threads)`` (None: unchanged), then restore."""
+    previous = torch.get_num_threads()
+    if threads is None or threads == previous:
+        yield
+        return
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@contextlib.contextmanager
 def _exact_matmul(device: torch.device, dtype: torch.dtype) -> Iterator[None]:
     """Disable TF32 on CUDA for a float32 Gram product: its 10-bit mantissa would swamp small eigenvalues.
 

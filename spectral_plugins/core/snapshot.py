@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
@@ -12,6 +12,10 @@ import numpy as np
 
 from .keys import matrix_key
 from .metrics import METRIC_NAMES
+
+# Columns of the per-layer text table, in this order when among the metrics shown.
+TABLE_COLUMNS: tuple[str, ...] = ("alpha", "stable_rank", "effective_rank", "spectral_norm", "alpha_weighted",
+                                  "frobenius_norm", "ks_distance", "n_tail")
 
 
 @dataclass(frozen=True)
@@ -132,6 +136,24 @@ class Snapshot:
         body = json.loads(text)
         layers = tuple(LayerSpectrum.from_record(r) for r in body.pop("layers"))
         return cls(layers=layers, **body)
+
+
+def layer_table(snapshot: Snapshot, metrics: Sequence[str]) -> str:
+    """The per-layer table of a snapshot as fixed-width text (one row per matrix)."""
+    columns = [m for m in TABLE_COLUMNS if m in metrics] or list(metrics)[:6]
+    header = ["layer", "shape", *columns]
+    rows = [[layer.key, f"{layer.shape[0]}x{layer.shape[1]}", *(fmt(layer.metric(m)) for m in columns)]
+            for layer in snapshot.layers]
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
+    lines = ["  ".join(str(cell).rjust(w) if i > 1 else str(cell).ljust(w) for i, (cell, w) in
+                       enumerate(zip(row, widths))) for row in [header, *rows]]
+    at_step = "" if snapshot.step is None else f" at step {snapshot.step}"
+    return f"per-layer spectra{at_step}:\n" + "\n".join(lines)
+
+
+def fmt(value: float) -> str:
+    """A number for text output: four significant digits, ``nan`` for anything not finite."""
+    return "nan" if not math.isfinite(value) else f"{value:.4g}"
 
 
 def _nan_to_none(record: dict[str, Any]) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..runtime.tracker import cpu_threads
+from ..core.engine import cpu_threads
 from .data import VOCAB, CharWindows, encode, stdlib_text
 from .model import GPTConfig
 

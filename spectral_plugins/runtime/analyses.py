@@ -13,15 +13,16 @@ created, so the tracker works without them.
 from __future__ import annotations
 
 import logging
-import math
-from collections.abc import Mapping
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Protocol, runtime_checkable
 
 from torch import nn
 
 from ..core.model_map import ModelMap
-from ..core.snapshot import Snapshot
+from ..core.snapshot import Snapshot, fmt, layer_table
+from .publishing import RunSummary, StepReport
 
 log = logging.getLogger("spectral_plugins")
 
@@ -133,6 +134,66 @@ class AttentionAnalysis:
         """Nothing to restore: the bounds depend only on the current weights."""
 
 
+class Analyses:
+    """A tracker's analyses, run together: the outputs merged, each one that raises disabled with a
+    warning while the others go on, and nothing reaching the training loop."""
+
+    def __init__(self, analyses: Sequence[Analysis]) -> None:
+        self.analyses = list(analyses)
+        self.disabled: set[str] = set()
+
+    def __iter__(self) -> Iterator[Analysis]:
+        return iter(self.analyses)
+
+    @property
+    def history(self) -> Any:
+        """The :class:`~spectral_plugins.lifecycle.history.SpectralHistory` of the lifecycle analysis,
+        or None."""
+        return next((a.history for a in self.analyses if hasattr(a, "history")), None)
+
+    def update(self, snapshot: Snapshot, model_map: ModelMap) -> AnalysisOutput:
+        """Every analysis' scalars and tables for ``snapshot``."""
+        return self._run("update", snapshot, model_map)
+
+    def summarize(self, last: StepReport, config: Mapping[str, Any]) -> RunSummary:
+        """The run summary: the per-layer table of the ``last`` report, then each analysis' run-level
+        figures and text."""
+        output = self._run("summary")
+        text = "\n\n".join(t for t in (layer_table(last.snapshot, last.metrics), output.text) if t)
+        return RunSummary(last=last, summary_scalars=dict(output.scalars), text=text, config=dict(config))
+
+    def state_dict(self) -> dict[str, Any]:
+        """Each analysis' state, by name."""
+        return {a.name: a.state_dict() for a in self.analyses}
+
+    def load_state_dict(self, saved: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` output (an analysis missing from it keeps its state)."""
+        for analysis in self.analyses:
+            if analysis.name in saved:
+                analysis.load_state_dict(saved[analysis.name])
+
+    def _run(self, method: str, *args: Any) -> AnalysisOutput:
+        scalars: dict[str, float] = {}
+        tables: dict[str, list[dict[str, Any]]] = {}
+        texts: list[str] = []
+        for analysis in self.analyses:
+            if analysis.name in self.disabled:
+                continue
+            try:
+                output: AnalysisOutput = getattr(analysis, method)(*args)
+            except Exception as error:  # noqa: BLE001 - an analysis must never break training
+                self.disabled.add(analysis.name)
+                log.debug("analysis %s.%s failed", analysis.name, method, exc_info=True)
+                warnings.warn(f"spectral-plugins: analysis {analysis.name!r} failed in {method} "
+                              f"({type(error).__name__}: {error}); it is disabled, snapshots continue",
+                              RuntimeWarning, stacklevel=4)
+                continue
+            scalars.update(output.scalars)
+            tables.update(output.tables)
+            texts += [output.text] if output.text else []
+        return AnalysisOutput(scalars=scalars, tables=tables, text="\n\n".join(texts))
+
+
 def _per_step_names() -> set[str]:
     """Names of the per-step lifecycle scalars (``spectral_lifecycle/<name>/...``), read off a probe state."""
     from ..lifecycle.signals import GroupState, LifecycleState
@@ -142,16 +203,21 @@ def _per_step_names() -> set[str]:
     return {key.split("/")[1] for key in probe.scalars()}
 
 
-def default_analyses(history: bool | int) -> list[Analysis]:
-    if history is False:
-        return []
+def default_analyses(history: bool | int, attention: bool | Mapping[str, Any] = False,
+                     model: nn.Module | ModelMap | None = None) -> list[Analysis]:
+    """The built-in analyses for a tracker's ``history`` and ``attention`` options (the attention
+    bounds need the module itself, not only its map)."""
     if isinstance(history, int) and not isinstance(history, bool) and history < 1:
         raise ValueError(f"history must be True, False or a positive number of kept steps, got {history!r}")
-    try:
-        return [LifecycleAnalysis(None if history is True else int(history))]
-    except ImportError:  # the lifecycle module is optional for the tracker
-        log.debug("lifecycle analysis unavailable", exc_info=True)
-        return []
+    analyses: list[Analysis] = []
+    if history is not False:
+        try:
+            analyses.append(LifecycleAnalysis(None if history is True else int(history)))
+        except ImportError:  # the lifecycle module is optional for the tracker
+            log.debug("lifecycle analysis unavailable", exc_info=True)
+    if attention is not False and isinstance(model, nn.Module):
+        analyses.append(AttentionAnalysis(model, **({} if attention is True else dict(attention))))
+    return analyses
 
 
 def lifecycle_text(result: Any) -> str:
@@ -168,7 +234,3 @@ def lifecycle_text(result: Any) -> str:
         method = result.importance.method
         lines.append(f"  pruning advice (least important block first, by {method}): {order}")
     return "\n".join(lines)
-
-
-def fmt(value: float) -> str:
-    return "nan" if not math.isfinite(value) else f"{value:.4g}"

@@ -152,3 +152,14 @@ class GuardedPublisher:
                               stacklevel=4)
         else:
             self.consecutive_failures = 0
+
+
+def console() -> logging.Logger:
+    """The ``spectral_plugins.console`` logger, writing to stderr at INFO level when the application
+    configured no logging itself (as Lightning does for its own logger)."""
+    logger = logging.getLogger("spectral_plugins.console")
+    if not logger.handlers and not logging.getLogger().hasHandlers():
+        logger.addHandler(logging.StreamHandler())
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    return logger
