@@ -1,0 +1,148 @@
+"""Cost of the fast lane per training step, as a fraction of the step, measured side by side.
+
+One model trains; after every optimizer step the fast lane measures every matrix
+(:class:`~spectral_plugins.core.fast_lane.FastLane`, warm-started). Both are timed in the same loop,
+so the ratio ``lane / step`` is read on the same machine state. Reported per model: median step
+time, median lane time (after the cold first measurement, reported separately), their ratio, the
+products ``W W^T x`` per matrix, and the largest relative stable-rank error against a float64 SVD
+at the last step.
+
+Models: ``demo`` (the demo's character GPT, 4 blocks, d_model 128, batch 32 x 64 characters) and
+``gpt2-small`` (a randomly initialised GPT-2 small, batch ``--gpt2-batch`` x ``--gpt2-seq`` random
+tokens). The fraction depends on the tokens per step: it falls as the batch grows, since training
+scales with tokens and the lane does not.
+
+Run: ``python benchmarks/bench_fast_lane.py [--models demo gpt2-small] [--steps N] [--write]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from spectral_plugins import map_model
+from spectral_plugins.core.fast_lane import FastLane
+
+try:  # run as a script (benchmarks/ on sys.path) or imported as benchmarks.bench_fast_lane
+    from common import DOC, machine, write_section
+except ImportError:  # pragma: no cover
+    from benchmarks.common import DOC, machine, write_section
+
+
+@dataclass(frozen=True)
+class Row:
+    model: str
+    tokens: int
+    step_s: float
+    lane_s: float
+    cold_s: float
+    products: float
+    max_error: float
+
+    def cells(self) -> list[str]:
+        return [self.model, str(self.tokens), f"{self.step_s * 1e3:.1f}", f"{self.lane_s * 1e3:.2f}",
+                f"{100 * self.lane_s / self.step_s:.2f}%", f"{self.cold_s * 1e3:.1f}", f"{self.products:.1f}",
+                f"{self.max_error:.1e}"]
+
+
+def demo_model(device: torch.device) -> tuple[nn.Module, Callable[[], torch.Tensor], int]:
+    from spectral_plugins.demo.data import VOCAB, encode, stdlib_text
+    from spectral_plugins.demo.model import CharGPT, GPTConfig
+
+    config = GPTConfig(vocab_size=len(VOCAB), block_size=64, n_layer=4, n_head=4, d_model=128)
+    model = CharGPT(config).to(device)
+    ids = encode(stdlib_text(max_chars=200_000))
+
+    def loss() -> torch.Tensor:
+        starts = torch.randint(0, len(ids) - 65, (32,))
+        x = torch.stack([ids[s:s + 64] for s in starts]).to(device)
+        y = torch.stack([ids[s + 1:s + 65] for s in starts]).to(device)
+        return model(x, y)[1]
+
+    return model, loss, 32 * 64
+
+
+def gpt2_small(device: torch.device, batch: int, seq: int
+               ) -> tuple[nn.Module, Callable[[], torch.Tensor], int]:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config()).to(device)
+
+    def loss() -> torch.Tensor:
+        ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=device)
+        return model(input_ids=ids, labels=ids).loss
+
+    return model, loss, batch * seq
+
+
+def measure(name: str, model: nn.Module, loss: Callable[[], torch.Tensor], tokens: int, steps: int,
+            device: torch.device) -> Row:
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
+    model_map = map_model(model)
+    lane = FastLane(model_map)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    step_times, lane_times, products = [], [], []
+    cold = 0.0
+    for step in range(steps + 1):
+        sync()
+        started = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        loss().backward()
+        optimizer.step()
+        sync()
+        trained = time.perf_counter()
+        result = lane.measure(step)
+        sync()
+        done = time.perf_counter()
+        if step == 0:
+            cold = done - trained
+        else:
+            step_times.append(trained - started)
+            lane_times.append(done - trained)
+            products.append(float(result.products.mean()))
+    exact = []
+    for ref in model_map.matrices:
+        singular = torch.linalg.svdvals(ref.weight().double().cpu())
+        exact.append(float(singular.square().sum() / singular[0] ** 2))
+    error = max(abs(f - e) / e for f, e in zip(result.stable_rank, exact))
+    return Row(name, tokens, statistics.median(step_times), statistics.median(lane_times), cold,
+               statistics.mean(products), error)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=["demo", "gpt2-small"], choices=("demo", "gpt2-small"))
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per model (after a cold one)")
+    parser.add_argument("--gpt2-batch", type=int, default=4)
+    parser.add_argument("--gpt2-seq", type=int, default=256)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--write", action="store_true", help="store the table in docs/performance.md")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    rows = []
+    for name in args.models:
+        built = demo_model(device) if name == "demo" else gpt2_small(device, args.gpt2_batch, args.gpt2_seq)
+        rows.append(measure(name, *built, steps=args.steps, device=device))
+    header = ["model", "tokens/step", "train step ms", "fast lane ms", "lane / step", "cold first ms",
+              "products/matrix", "max stable-rank error vs float64 SVD"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row.cells()) + " |" for row in rows]
+    body = (f"Measured on {machine(device)}, device {device}, {args.steps} steps per model, torch threads "
+            f"{torch.get_num_threads()} (`python benchmarks/bench_fast_lane.py`):\n\n" + "\n".join(lines))
+    print(body)
+    if args.write:
+        write_section(DOC, "fast-lane", body, "Fast lane: stable rank at every step")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""The fast lane against float64 SVD: cold on real pretrained weights, warm through real training."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from spectral_plugins import SpectralEngine, map_model
+from spectral_plugins.core.fast_lane import FastLane, fast_lane_error
+from spectral_plugins.demo.data import VOCAB, encode, stdlib_text
+from spectral_plugins.demo.model import CharGPT, GPTConfig
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def exact_stable_rank(model_map) -> dict[str, float]:
+    """Stable rank of every matrix from a float64 SVD (the reference)."""
+    out = {}
+    for ref in model_map.matrices:
+        singular = torch.linalg.svdvals(ref.weight().double())
+        out[ref.key] = float(singular.square().sum() / singular[0] ** 2)
+    return out
+
+
+def relative_errors(measured: dict[str, float], exact: dict[str, float]) -> np.ndarray:
+    return np.array([abs(measured[key] - value) / value for key, value in exact.items()])
+
+
+def test_cold_start_on_pretrained_minilm_matches_float64_svd(minilm_path):
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(minilm_path)
+    model_map = map_model(model)
+    measure = FastLane(model_map).measure(step=0)
+    errors = relative_errors(measure.values("stable_rank"), exact_stable_rank(model_map))
+    assert len(errors) == len(model_map) > 30
+    assert errors.max() < 1e-3, errors.max()
+    # A Ritz value never exceeds the exact top singular value (up to float32 rounding).
+    for ref, sigma in zip(model_map.matrices, measure.spectral_norm):
+        assert sigma <= float(torch.linalg.matrix_norm(ref.weight().double(), ord=2)) * (1 + 1e-5)
+
+
+def test_warm_start_follows_training_at_every_step_within_1e_3():
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=len(VOCAB), block_size=32, n_layer=2, n_head=4, d_model=64)
+    model = CharGPT(config)
+    ids = encode(stdlib_text(max_chars=20_000))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model_map = map_model(model)
+    lane = FastLane(model_map)
+    products = []
+    for step in range(1, 41):
+        starts = torch.randint(0, len(ids) - config.block_size - 1, (16,))
+        x = torch.stack([ids[s:s + config.block_size] for s in starts])
+        y = torch.stack([ids[s + 1:s + config.block_size + 1] for s in starts])
+        _, loss = model(x, y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        measure = lane.measure(step)
+        errors = relative_errors(measure.values("stable_rank"), exact_stable_rank(model_map))
+        assert errors.max() < 1e-3, (step, errors.max())
+        assert (measure.residual < lane.tol).all() or (measure.products == lane.max_products).any()
+        products.append(measure.products.mean())
+    # Warm-started steps need fewer products than the cold first step.
+    assert np.mean(products[5:]) < products[0]
+
+
+def test_a_nan_matrix_is_nan_alone_and_recovers():
+    model = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Linear(32, 32))
+    model_map = map_model(model)
+    lane = FastLane(model_map)
+    with torch.no_grad():
+        model[0].weight[3, 4] = math.nan
+    measure = lane.measure(1)
+    assert math.isnan(measure.stable_rank[0]) and math.isfinite(measure.stable_rank[1])
+    with torch.no_grad():
+        model[0].weight[3, 4] = 0.5
+    again = lane.measure(2)
+    errors = relative_errors(again.values("stable_rank"), exact_stable_rank(model_map))
+    assert errors.max() < 1e-3
+
+
+def test_fused_qkv_views_and_the_honesty_check_against_a_full_snapshot(gpt2_model):
+    model_map = map_model(gpt2_model)
+    measure = FastLane(model_map).measure(3)
+    snapshot = SpectralEngine().analyze(model_map, step=3)
+    assert set(measure.keys) == {layer.key for layer in snapshot.layers}
+    assert fast_lane_error(measure, snapshot) < 1e-3
+    assert fast_lane_error(measure, snapshot, "frobenius_norm") < 1e-5
+    with pytest.raises(ValueError, match="fast lane measures"):
+        measure.values("alpha")
