@@ -26,7 +26,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Spectral lifecycle of transformer weights: analyze checkpoints, run the demo, "
                     "compare and report tracked runs.")
     subparsers = parser.add_subparsers(dest="command", required=True)
-    analyze = subparsers.add_parser("analyze", help="spectra and metrics of a checkpoint or HF model dir")
+    analyze = subparsers.add_parser(
+        "analyze", help="spectra and metrics of a checkpoint or HF model dir",
+        description="Spectra and metrics of every floating-point 2-D weight matrix with both sides >= 2 "
+                    "(linear, embedding, attention projections). Convolution weights (3-D or more), "
+                    "vector-shaped weights (1 x n, n x 1), 1-D tensors (biases, norm scales) and tensors "
+                    "that are not floating point are skipped and listed after the table. A file that "
+                    "cannot be read ends with exit status 2 and one line saying why.")
     analyze.add_argument("path", help="a .pt/.pth/.bin/.ckpt state dict, a .safetensors file, or a "
                                       "Hugging Face model directory (config.json + weights)")
     analyze.add_argument("--json", dest="json_out", help="write the snapshot as JSON to this file")
@@ -44,18 +50,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class CommandError(Exception):
+    """A user mistake a subcommand reports as one line on stderr, exiting with status 2 (as argparse
+    does for a bad argument) instead of a traceback."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.handler(args) or 0)
+    try:
+        return int(args.handler(args) or 0)
+    except CommandError as error:
+        print(f"spectral-plugins {args.command}: error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 2
 
 
 def _run_analyze(args: argparse.Namespace) -> int:
-    from .core.checkpoints import load_model_map
+    from .core.checkpoints import CheckpointError, load_model_map
 
-    model_map = load_model_map(args.path, include=args.include, exclude=args.exclude)
+    try:
+        model_map, skipped = load_model_map(args.path, include=args.include, exclude=args.exclude)
+    except (CheckpointError, OSError, ImportError, ValueError) as error:
+        # OSError: missing path, no weights in the directory, a shard missing, no permission;
+        # ValueError: nothing to analyse, or --include / --exclude selected no matrix.
+        raise CommandError(error) from error
     engine = SpectralEngine(method=args.method, dtype=args.dtype)
     snapshot = engine.analyze(model_map, progress=_progress_bar(len(model_map)))
     print(format_table(snapshot))
+    for line in skipped.lines():
+        print(line)
     if args.json_out:
         Path(args.json_out).write_text(snapshot.to_json(indent=1))
         print(f"wrote {args.json_out}")

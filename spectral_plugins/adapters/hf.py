@@ -39,9 +39,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..core.engine import METHODS
-from ..core.metrics import validate_metric_names
-from ..core.options import positive_int
+from ..core.options import check_options, name_list
 from ..runtime.publishing import Publisher, RunSummary, console
 from ..runtime.tracker import SpectralTracker
 
@@ -94,7 +92,11 @@ class SpectralCallback(TrainerCallback, ExportableState):
             wait for the snapshot in flight.
 
     Raises:
-        ValueError: ``every_n_steps < 1``, ``threads < 1``, an unknown metric name or method.
+        ValueError: at construction, any option that is invalid on its own (``every_n_steps`` or
+            ``threads`` < 1, an unknown metric or method, ``history`` neither a bool nor >= 8, an
+            unknown ``attention`` option, a device torch cannot parse, ...); at ``on_train_begin``,
+            before any training step, ``include`` / ``exclude`` / ``roles`` patterns that select no
+            matrix of the model. A string where names are expected is one name (``metrics="alpha"``).
     """
 
     def __init__(
@@ -114,14 +116,11 @@ class SpectralCallback(TrainerCallback, ExportableState):
         threads: int | None = 1,
         background: bool = False,
     ) -> None:
-        positive_int("every_n_steps", every_n_steps)
-        positive_int("threads", threads, optional=True)
-        if metrics is not None and not validate_metric_names(list(metrics)):
-            raise ValueError("metrics must name at least one metric (None publishes all)")
-        if not isinstance(heatmap, bool):
-            validate_metric_names([heatmap] if isinstance(heatmap, str) else list(heatmap))
-        if method not in METHODS:
-            raise ValueError(f"method={method!r}; choose one of {METHODS}")
+        check_options(every_n_steps=every_n_steps, metrics=metrics, heatmap=heatmap, include=include,
+                      exclude=exclude, roles=roles, method=method, history=history, attention=attention,
+                      device=device, threads=threads, background=background)
+        if report_to is not None:
+            name_list("report_to", report_to)
         self.options: dict[str, Any] = dict(
             every_n_steps=every_n_steps, metrics=metrics, include=include, exclude=exclude, roles=roles,
             method=method, heatmap=heatmap, history=history, attention=attention, device=device,

@@ -37,9 +37,8 @@ import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..core.engine import METHODS
-from ..core.metrics import validate_metric_names
-from ..core.options import positive_int
+from ..core.model_map import map_model
+from ..core.options import check_options
 from ..runtime.publishing import Publisher, RunSummary, StepReport
 from ..runtime.tracker import SpectralTracker
 
@@ -159,7 +158,11 @@ class SpectralMonitor(*_callback_bases()):  # type: ignore[misc]
             ``FSDPStrategy`` (FSDP1's flat parameters) is not supported.
 
     Raises:
-        ValueError: ``every_n_steps < 1`` or an unknown metric name.
+        ValueError: at construction, any option that is invalid on its own (``every_n_steps`` or
+            ``threads`` < 1, an unknown metric or method, ``history`` neither a bool nor >= 8, an
+            unknown ``attention`` option, ...); at ``on_fit_start``, before any training step,
+            ``include`` / ``exclude`` / ``roles`` patterns that select no matrix of the model. A
+            string where names are expected is one name (``metrics="alpha"``).
     """
 
     def __init__(
@@ -179,13 +182,10 @@ class SpectralMonitor(*_callback_bases()):  # type: ignore[misc]
         distributed: bool | None = None,
     ) -> None:
         super().__init__()
-        positive_int("every_n_steps", every_n_steps)
-        if metrics is not None and not validate_metric_names(list(metrics)):
-            raise ValueError("metrics must name at least one metric (None publishes all)")
-        if not isinstance(publish_heatmaps, bool):
-            validate_metric_names(list(publish_heatmaps))
-        if method not in METHODS:
-            raise ValueError(f"method={method!r}; choose one of {METHODS}")
+        check_options(every_n_steps=every_n_steps, metrics=metrics, heatmap=publish_heatmaps, include=include,
+                      exclude=exclude, roles=roles, method=method, history=history, attention=attention,
+                      threads=threads, background=background, distributed=distributed,
+                      names={"heatmap": "publish_heatmaps"})
         self.options: dict[str, Any] = dict(
             every_n_steps=every_n_steps, metrics=metrics, include=include, exclude=exclude, roles=roles,
             method=method, heatmap=publish_heatmaps, history=history, attention=attention, threads=threads,
@@ -199,6 +199,15 @@ class SpectralMonitor(*_callback_bases()):  # type: ignore[misc]
         self._last_global_step: int | None = None
 
     # ------------------------------------------------------------------ hooks
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        """Check ``include`` / ``exclude`` / ``roles`` against the model, the first moment it is known:
+        a pattern set that selects no matrix (or a ``roles`` glob that names none) raises ValueError
+        here, before the sanity check and the first training step."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # what the map has to say is said once, by the tracker
+            map_model(pl_module, include=self.options["include"], exclude=self.options["exclude"],
+                      roles=self.options["roles"])
+
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         """Map the model, attach a publisher per logger, restore a checkpointed state, snapshot step 0."""
         shared = self._shares_work(trainer)

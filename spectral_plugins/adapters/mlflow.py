@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ..core.metrics import validate_metric_names
+from ..core.options import metric_list
 from ..runtime.publishing import RunSummary, StepReport, flatten_config
 
 __all__ = [
@@ -115,7 +115,7 @@ class MlflowPublisher:
 
         if not timeout_s > 0:
             raise ValueError(f"timeout_s={timeout_s!r}; it must be positive")
-        self.heatmap_metrics = validate_metric_names(tuple(heatmap_metrics))
+        self.heatmap_metrics = metric_list("heatmap_metrics", heatmap_metrics, allow_empty=True)
         self.timeout_s = float(timeout_s)
         self.experiment_name = experiment_name
         self.run_name = run_name

@@ -31,7 +31,7 @@ import numpy as np
 
 from ..core.heatmap import BLOCK_ROLES
 from ..core.keys import ATTENTION_SECTION, LIFECYCLE_SECTION, MATRIX_PREFIX
-from ..core.metrics import validate_metric_names
+from ..core.options import metric_list
 from ..core.snapshot import Snapshot
 from ..runtime.analyses import fmt
 from ..runtime.publishing import RunSummary, StepReport, flatten_config
@@ -105,7 +105,7 @@ class TensorBoardPublisher:
             log_dir, writer = None, log_dir
         if writer is not None and log_dir is not None:
             raise ValueError("pass either log_dir or writer, not both")
-        self.heatmap_metrics = validate_metric_names(tuple(heatmap_metrics))
+        self.heatmap_metrics = metric_list("heatmap_metrics", heatmap_metrics, allow_empty=True)
         self.histograms = histograms
         self._owns_writer = writer is None
         self.writer: SummaryWriter = writer if writer is not None else SummaryWriter(

@@ -25,6 +25,7 @@ from typing import Any
 
 from ..core.keys import STEP_KEY
 from ..core.metrics import METRICS
+from ..core.options import metric_list
 from ..runtime.publishing import RunSummary, StepReport
 
 __all__ = [
@@ -86,9 +87,11 @@ class WandbPublisher:
     ) -> None:
         self._wandb = import_wandb()
         self._run = run
-        self.heatmap_metrics = None if heatmap_metrics is None else tuple(heatmap_metrics)
+        self.heatmap_metrics = None if heatmap_metrics is None else metric_list(
+            "heatmap_metrics", heatmap_metrics, allow_empty=True)
         self.table = table
-        self.depth_plots = depth_plots
+        self.depth_plots = depth_plots if isinstance(depth_plots, bool) else metric_list(
+            "depth_plots", depth_plots, allow_empty=True)
         self._defined: set[str] = set()
         self._defined_for: Any = None
 

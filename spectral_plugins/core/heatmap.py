@@ -4,29 +4,16 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from .metrics import validate_metric_names
+from .options import DEFAULT_HEATMAP_METRICS  # noqa: F401 - the heatmaps' default, checked in options
 from .roles import ROLES
 from .snapshot import Snapshot
 
 # Column order of the grids: attention first, then MLP (roles absent from a model are dropped).
 BLOCK_ROLES: tuple[str, ...] = tuple(r for r in ROLES if r not in ("embed", "pos_embed", "lm_head"))
-# Heatmap images cost ~0.2 s each to render; by default only these (if published) are drawn.
-DEFAULT_HEATMAP_METRICS: tuple[str, ...] = ("alpha", "stable_rank")
-
-
-def heatmap_metrics(heatmap: bool | str | Sequence[str], metrics: Sequence[str]) -> tuple[str, ...]:
-    """The metrics to draw as heatmaps: True for those of :data:`DEFAULT_HEATMAP_METRICS` among
-    ``metrics``, False for none, else the names given (a ValueError for an unknown one)."""
-    if heatmap is True:
-        return tuple(m for m in DEFAULT_HEATMAP_METRICS if m in metrics)
-    if heatmap is False:
-        return ()
-    return validate_metric_names([heatmap] if isinstance(heatmap, str) else list(heatmap))
 
 
 @dataclass(frozen=True)

@@ -142,6 +142,20 @@ class _Heads:
     head_dim: int | None = None
 
 
+def skip_reason(tensor: torch.Tensor) -> str | None:
+    """Why ``tensor`` is not a weight matrix the engine analyses, or None when it is one: a
+    floating-point 2-D tensor with both sides >= 2. The reasons: "not floating point" (integer,
+    bool or complex: token ids, masks, counters), "convolution" (3-D or more), "vector" (1 x n or n x 1),
+    "1-D" (biases, norm scales, scalars)."""
+    if not tensor.is_floating_point():  # complex tensors too: spectra here are of real matrices
+        return "not floating point"
+    if tensor.ndim > 2:
+        return "convolution"
+    if tensor.ndim < 2:
+        return "1-D"
+    return "vector" if min(tensor.shape) < 2 else None
+
+
 def map_model(
     model: nn.Module,
     include: list[str] | str | None = None,
@@ -189,7 +203,7 @@ def map_state_dict(
     sources = []
     seen: dict[tuple, int] = {}
     for path, tensor in state_dict.items():
-        if not isinstance(tensor, torch.Tensor) or tensor.ndim != 2 or min(tensor.shape) < 2:
+        if not isinstance(tensor, torch.Tensor) or skip_reason(tensor) is not None:
             continue
         module_path, _, param_name = path.rpartition(".")
         # Tied weights come back from torch.load as distinct tensors over one storage.
@@ -224,7 +238,7 @@ def _sources_from_module(model: nn.Module) -> list[_Source]:
         aliases.setdefault(id(param), []).append(path)
     sources = []
     for path, param in model.named_parameters():
-        if param.ndim != 2 or min(param.shape) < 2:
+        if skip_reason(param) is not None:
             continue
         module_path, _, param_name = path.rpartition(".")
         module = model.get_submodule(module_path) if module_path else model
@@ -317,10 +331,7 @@ def _build_map(sources, model_type, heads, include, exclude, roles, module_heads
     _apply_role_overrides(drafts, roles)
     _assign_keys(drafts)
     drafts.sort(key=_canonical_order)
-    matrices = tuple(MatrixRef(**d) for d in drafts if _selected(d, include, exclude))
-    if not matrices:
-        raise ValueError(f"include={include!r} / exclude={exclude!r} left no matrix; names look like "
-                         f"{[d['name'] for d in drafts[:5]]}")
+    matrices = tuple(MatrixRef(**d) for d in _select(drafts, include, exclude))
     _warn_unclassified(matrices)
     num_blocks = len({m.depth for m in matrices if m.depth is not None})
     return ModelMap(matrices, model_type, blocks_path, num_blocks)
@@ -408,12 +419,40 @@ def _assign_keys(drafts: list[dict[str, Any]]) -> None:
             d["key"] = f"{layer_key(d['depth'], d['role'], depth_digits)}_{sanitize(d['name'])}"
 
 
-def _selected(draft: dict[str, Any], include, exclude) -> bool:
-    def matches(patterns) -> bool:
-        patterns = [patterns] if isinstance(patterns, str) else patterns
-        return any(fnmatch.fnmatchcase(draft[f], p) for p in patterns for f in ("name", "key", "module_name"))
+def _patterns(patterns: list[str] | tuple[str, ...] | str | None) -> list[str] | None:
+    return None if patterns is None else [patterns] if isinstance(patterns, str) else list(patterns)
 
-    return (include is None or matches(include)) and (exclude is None or not matches(exclude))
+
+def _matches(draft: dict[str, Any], pattern: str) -> bool:
+    return any(fnmatch.fnmatchcase(draft[f], pattern) for f in ("name", "key", "module_name"))
+
+
+def _select(drafts: list[dict[str, Any]], include, exclude) -> list[dict[str, Any]]:
+    """The drafts ``include`` keeps and ``exclude`` does not drop.
+
+    Raises a ValueError naming the option when nothing is left (an include pattern that matches no
+    matrix is a typo more often than not), and warns once naming include patterns that match nothing
+    while others do."""
+    include, exclude = _patterns(include), _patterns(exclude)
+    examples = [d["name"] for d in drafts[:4]] + [d["key"] for d in drafts[:2]]
+    kept = drafts
+    if include is not None:
+        kept = [d for d in drafts if any(_matches(d, p) for p in include)]
+        idle = [p for p in include if not any(_matches(d, p) for d in drafts)]
+        if not kept:
+            raise ValueError(f"include={include!r} matched none of the {len(drafts)} weight matrices; it is "
+                             f"a glob on matrix names, module paths or keys such as {examples}")
+        if idle:
+            warnings.warn(f"spectral-plugins: include pattern(s) {idle} matched no weight matrix (the others "
+                          f"matched {len(kept)}); names look like {examples}", UserWarning, stacklevel=4)
+    if exclude is not None:
+        left = [d for d in kept if not any(_matches(d, p) for p in exclude)]
+        if not left:
+            raise ValueError(f"exclude={exclude!r} dropped all {len(kept)} weight matrices"
+                             f"{'' if include is None else f' that include={include!r} kept'}; "
+                             f"they are named like {examples}")
+        kept = left
+    return kept
 
 
 def _warn_unclassified(matrices: tuple[MatrixRef, ...]) -> None:

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from ..core.options import MIN_HISTORY_STEPS
 from ..core.roles import ROLES
 from ..core.snapshot import Snapshot
 
@@ -30,7 +31,7 @@ STATE_FORMAT = "spectral_plugins.lifecycle.history"
 STATE_VERSION = 1
 DEFAULT_METRICS: tuple[str, ...] = ("stable_rank", "alpha", "spectral_norm", "effective_rank")
 DEFAULT_MAX_STEPS = 512
-MIN_MAX_STEPS = 8
+MIN_MAX_STEPS = MIN_HISTORY_STEPS  # one rule for the tracker's history= option and this class
 
 BLOCK_ROLES: tuple[str, ...] = ("q", "k", "v", "o", "mlp_in", "mlp_gate", "mlp_out")
 # Role groups of the lifecycle signals; "all" is every matrix inside the repeated blocks.

@@ -22,10 +22,8 @@ from typing import Any
 from torch import nn
 
 from ..core.engine import SpectralEngine, cpu_threads
-from ..core.heatmap import heatmap_metrics
-from ..core.metrics import validate_metric_names
 from ..core.model_map import ModelMap, map_model
-from ..core.options import positive_int
+from ..core.options import check_options
 from ..core.snapshot import Snapshot
 from .analyses import Analyses, Analysis, default_analyses
 from .background import BackgroundSnapshotter
@@ -97,14 +95,16 @@ class SpectralTracker:
         background: bool = False,
         distributed: bool | None = None,
     ) -> None:
-        positive_int("every_n_steps", every_n_steps)
-        self.every_n_steps = every_n_steps
-        positive_int("threads", threads, optional=True)
+        options = check_options(every_n_steps=every_n_steps, metrics=metrics, heatmap=heatmap,
+                                include=include, exclude=exclude, roles=roles, method=method, history=history,
+                                attention=attention, device=device, threads=threads, background=background,
+                                distributed=distributed)
+        include, exclude, roles = options.include, options.exclude, options.roles
+        history, attention, threads = options.history, options.attention, options.threads
+        self.every_n_steps = options.every_n_steps
         self.threads = threads
-        self.metrics = validate_metric_names(None if metrics is None else list(metrics))
-        if not self.metrics:
-            raise ValueError("metrics must name at least one metric (None publishes all)")
-        self.heatmap_metrics = heatmap_metrics(heatmap, self.metrics)
+        self.metrics = options.metrics
+        self.heatmap_metrics = options.heatmap
         self.engine = SpectralEngine(method=method, device=device)
         self.include, self.exclude, self.method = include, exclude, method
         self.model_map = model if isinstance(model, ModelMap) else map_model(

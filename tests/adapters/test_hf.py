@@ -175,10 +175,46 @@ def trainer_tensorboard_dir(tmp_path: Path) -> Path:
     ({"heatmap": ["bogus"]}, r"unknown metric name\(s\) \['bogus'\]"),
     ({"method": "fast"}, "method='fast'"),
     ({"threads": 0}, "threads must be None or an integer >= 1"),
+    ({"history": "yes"}, "history must be True, False or the number of snapshots to keep"),
+    ({"history": 3}, r"history must be .*\(an integer >= 8\), got 3"),
+    ({"metrics": "alfa"}, r"metrics: unknown metric name\(s\) \['alfa'\]"),
+    ({"heatmap": "alfa"}, r"heatmap: unknown metric name\(s\) \['alfa'\]"),
+    ({"attention": {"sample": 1}}, r"attention: unknown attention_bounds option\(s\) \['sample'\]"),
+    ({"device": "gpu0"}, "device='gpu0' is not a device"),
+    ({"report_to": 3}, "report_to must be a name or a list of names"),
 ])
 def test_invalid_configuration_fails_at_construction(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         SpectralCallback(**kwargs)
+
+
+class StepCounter(TrainerCallback):
+    """Counts the optimizer steps the Trainer takes."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.steps += 1
+
+
+def test_include_that_matches_nothing_stops_training_before_its_first_step(tmp_path: Path) -> None:
+    counter, recorder = StepCounter(), RecordingPublisher()
+    callback = SpectralCallback(every_n_steps=1, include="decoder.*", publishers=[recorder])
+    with pytest.raises(ValueError, match=r"include=\['decoder.\*'\] matched none of the \d+ weight matrices"):
+        train(tmp_path, [callback, counter], steps=2)
+    assert counter.steps == 0 and recorder.reports == []
+
+
+def test_a_string_is_one_name(tmp_path: Path) -> None:
+    recorder = RecordingPublisher()
+    callback = SpectralCallback(every_n_steps=1, metrics="alpha", heatmap="alpha", include="*attn*",
+                                history=False, publishers=[recorder], report_to="none")
+    train(tmp_path, [callback], steps=2)
+    assert [r.step for r in recorder.reports] == [0, 1, 2]
+    report = recorder.reports[-1]
+    assert report.metrics == ("alpha",) and report.heatmap_metrics == ("alpha",)
+    assert report.snapshot.layers and all("attn" in layer.name for layer in report.snapshot.layers)
 
 
 def test_the_package_never_imports_transformers_and_a_missing_one_names_the_extra() -> None:

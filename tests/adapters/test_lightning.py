@@ -142,10 +142,57 @@ def float32(series: Series) -> Series:
     ({"metrics": []}, "at least one metric"),
     ({"publish_heatmaps": ["bogus"]}, r"unknown metric name\(s\) \['bogus'\]"),
     ({"method": "fast"}, "method='fast'"),
+    ({"threads": 0}, "threads must be None or an integer >= 1"),
+    ({"history": "yes"}, "history must be True, False or the number of snapshots to keep"),
+    ({"history": 3}, r"history must be .*\(an integer >= 8\), got 3"),
+    ({"metrics": "alfa"}, r"metrics: unknown metric name\(s\) \['alfa'\]"),
+    ({"publish_heatmaps": "alfa"}, r"publish_heatmaps: unknown metric name\(s\) \['alfa'\]"),
+    ({"roles": {"*.q": "query"}}, r"roles=\{'\*.q': 'query'\}"),
+    ({"attention": {"sample": 1}}, r"attention: unknown attention_bounds option\(s\) \['sample'\]"),
+    ({"background": "yes"}, "background must be True or False"),
+    ({"distributed": "no"}, "distributed must be True, False or None"),
 ])
 def test_invalid_configuration_fails_at_construction(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         SpectralMonitor(**kwargs)
+
+
+class CountingModule(CharGPTModule):
+    """Counts the training steps it runs."""
+
+    def __init__(self) -> None:
+        super().__init__(CONFIG)
+        self.steps_run = 0
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        self.steps_run += 1
+        return super().training_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"include": "decoder.*"}, r"include=\['decoder.\*'\] matched none of the \d+ weight matrices"),
+    ({"include": ["*attn*"], "exclude": "*"}, r"exclude=\['\*'\] dropped all \d+ weight matrices"),
+    ({"roles": {"nothing.*": "q"}}, r"roles pattern 'nothing.\*' matches no module"),
+])
+def test_patterns_that_select_nothing_stop_the_fit_before_its_first_step(
+        tmp_path: Path, ids: torch.Tensor, kwargs: dict[str, Any], message: str) -> None:
+    module, recorder = CountingModule(), RecordingPublisher()
+    monitor = SpectralMonitor(every_n_steps=1, extra_publishers=[recorder], **kwargs)
+    with pytest.raises(ValueError, match=message):
+        trainer(tmp_path, max_steps=2, logger=False, callbacks=[monitor]).fit(module, loader(ids, 2))
+    assert module.steps_run == 0 and recorder.reports == []
+
+
+def test_a_string_is_one_name(tmp_path: Path, ids: torch.Tensor) -> None:
+    recorder = RecordingPublisher()
+    monitor = SpectralMonitor(every_n_steps=1, metrics="alpha", publish_heatmaps="alpha", include="*attn*",
+                              history=False, extra_publishers=[recorder])
+    fit = trainer(tmp_path, max_steps=2, logger=False, callbacks=[monitor])
+    fit.fit(CharGPTModule(CONFIG), loader(ids, 2))
+    assert [r.step for r in recorder.reports] == [0, 1, 2]
+    report = recorder.reports[-1]
+    assert report.metrics == ("alpha",) and report.heatmap_metrics == ("alpha",)
+    assert report.snapshot.layers and all("attn" in layer.name for layer in report.snapshot.layers)
 
 
 def test_the_monitor_is_a_callback_of_both_lightning_packages() -> None:

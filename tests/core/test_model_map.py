@@ -157,8 +157,13 @@ def test_bad_input_raises_clear_errors():
         map_model(tiny_gpt2(), roles={"encoder.nothing.*": "q"})
     with pytest.raises(ValueError, match="unknown role"):
         map_model(tiny_gpt2(), roles={"transformer.h.0.mlp.c_fc": "mlp_middle"})
-    with pytest.raises(ValueError, match="left no matrix"):
+    with pytest.raises(ValueError, match=r"include=\['nothing\*'\] matched none of the"):
         map_model(tiny_gpt2(), include=["nothing*"])
+    with pytest.raises(ValueError, match=r"exclude=\['\*'\] dropped all"):
+        map_model(tiny_gpt2(), exclude="*")
+    with pytest.warns(UserWarning, match=r"include pattern\(s\) \['typo\*'\] matched no weight matrix"):
+        kept = map_model(tiny_gpt2(), include=["*attn*", "typo*"])
+    assert len(kept) and all("attn" in m.name for m in kept)
 
 
 def test_pretrained_minilm_maps_to_six_blocks_with_plausible_metrics(minilm_path):
