@@ -19,6 +19,7 @@ Derivations and assumptions: docs/attention.md; formulas: :mod:`spectral_plugins
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -30,7 +31,7 @@ from ..core.keys import attention_key
 from ..core.metrics import MetricSpec
 from ..core.model_map import ModelMap, map_model
 from . import stats as st
-from .inputs import AttentionSite, NormInfo, attention_sites, observed_head_stats, trace_inputs
+from .inputs import AttentionSite, CallModel, NormInfo, attention_sites, observed_head_stats, trace_inputs
 from .norms import interaction_norms_power, interaction_spectrum_qr, numerical_rank
 
 BOUNDS = ("deterministic", "rank_aware", "rank_agnostic")
@@ -232,15 +233,19 @@ def attention_bounds(
     model_map: ModelMap | None = None,
     warm_start: AttentionBounds | None = None,
     dtype: torch.dtype = torch.float64,
+    call_model: CallModel | None = None,
 ) -> AttentionBounds:
     """Per-head interaction norms, logit bounds and FP8 scale factors of every attention of ``model``.
 
     Args:
         model: a model with q/k projections the model map recognises (Hugging Face or plain).
-        sample_batch: token ids, a dict of model inputs (``attention_mask`` marks valid tokens), or a
-            list of those. It gives observed logits, the typicality gamma per head, and input norms
-            when no preceding norm layer is found. Without it, a dummy forward pass (the model's
-            ``dummy_inputs``) finds the norm layers only.
+        sample_batch: one batch or a list of batches, each called the way the model's ``forward``
+            accepts it (:func:`~spectral_plugins.attention.inputs.model_call`): a tensor (token ids
+            as ``input_ids=`` for a Hugging Face model, else the first positional argument of your
+            own ``forward(self, x)``), a dict of keyword arguments (``attention_mask`` marks valid
+            tokens), or a tuple of positional arguments. It gives observed logits, the typicality
+            gamma per head, and input norms when no preceding norm layer is found. Without it, a
+            dummy forward pass (the model's ``dummy_inputs``) finds the norm layers only.
         delta: failure probability of the concentration thresholds, in (0, 1).
         seq_len: n, the sequence length the thresholds cover (n^2 logit pairs per head); default:
             the sample's padded length, else the config's maximum positions, else 2048.
@@ -254,6 +259,13 @@ def attention_bounds(
         logit_scale: the factor c in ``S = c q . k``; default: the attention module's ``scaling``.
         model_map: reuse a map of ``model``; warm_start: a previous result with ``method="power"``.
         dtype: working precision (float64 by default).
+        call_model: ``call_model(model, batch)`` runs one batch of ``sample_batch`` (already on the
+            model's device), for a forward that takes it in none of the ways above.
+
+    Warns:
+        RuntimeWarning: the sample could not be run through the model (why, and how to pass it), the
+            sample never reached some attentions, or some bounds are NaN (and why): the same
+            reasons are in ``.caveats``.
     """
     if method not in ("qr", "power"):
         raise ValueError(f"method must be 'qr' or 'power', got {method!r}")
@@ -270,8 +282,8 @@ def attention_bounds(
         norms, ranks, _, _ = spectra[site.key]
         return observed_head_stats(site, x_q, x_k, mask, norms, ranks, include_bias, dtype)
 
-    trace = trace_inputs(model, sites, probe, head_stats if sample_batch is not None else None) \
-        if probe is not None else None
+    trace = trace_inputs(model, sites, probe, head_stats if sample_batch is not None else None,
+                         call_model if sample_batch is not None else None) if probe is not None else None
     if trace is None or trace.error:
         why = trace.error if trace is not None else "no sample_batch and no dummy_inputs"
         caveats.append(f"could not run the model to find the norm layers before q/k ({why})")
@@ -279,8 +291,10 @@ def attention_bounds(
     layers = tuple(_layer(site, spectra[site.key], trace, sample_batch is not None, include_bias, gamma,
                           n, delta) for site in sites)
     caveats += _caveats(model, layers)
-    gamma_source = "given" if gamma is not None else "sample" if sample_batch is not None and any(
-        not la.rope for la in layers) else "default"
+    _warn_unused(model, sites, layers, trace, sample_batch is not None)
+    # "sample" only when the sample ran and gave head statistics (RoPE layers get none).
+    sampled = sample_batch is not None and trace is not None and bool(trace.heads)
+    gamma_source = "given" if gamma is not None else "sample" if sampled else "default"
     vectors = {k: v[3] for k, v in spectra.items() if v[3] is not None}
     return AttentionBounds(layers, delta, n, method, gamma_source, tuple(caveats), vectors)
 
@@ -370,6 +384,31 @@ def _default_seq_len(model: nn.Module, sample: Any) -> int:
         if isinstance(value, int) and value > 0:
             return value
     return 2048
+
+
+def _warn_unused(model: nn.Module, sites: list[AttentionSite], layers: tuple[LayerBound, ...], trace: Any,
+                 has_sample: bool) -> None:
+    """Say (as a RuntimeWarning, not only in ``.caveats``) when a sample batch could not be used and
+    when bounds came out NaN."""
+    name = type(model).__name__
+    nan = [la.key for la in layers if math.isnan(la.bound())]
+    if has_sample and trace is not None and trace.error:
+        warnings.warn(f"spectral-plugins: attention_bounds could not run {name} on sample_batch "
+                      f"({trace.error}); the bounds go without it (default gamma, no observed logits"
+                      f"{f', NaN for {nan}' if nan else ''}). Pass the sample as the model's forward takes "
+                      "it (a tensor, a dict of keyword arguments, a tuple of positional arguments) or "
+                      "call_model=lambda model, batch: model(...)", RuntimeWarning, stacklevel=3)
+        return
+    if has_sample and trace is not None:
+        missed = [s.key for s in sites if f"{s.key}:q" not in trace.max_input_norm]
+        if missed:
+            warnings.warn(f"spectral-plugins: the sample_batch run through {name} never reached the "
+                          f"attention(s) {missed}; their bounds use no sample", RuntimeWarning, stacklevel=3)
+    if nan:
+        why = "" if has_sample else " and no sample_batch was given"
+        warnings.warn(f"spectral-plugins: the attention logit bounds of {nan} are NaN: no norm layer "
+                      f"precedes their q/k projections{why} (pass a sample_batch the model runs on)",
+                      RuntimeWarning, stacklevel=3)
 
 
 def _caveats(model: nn.Module, layers: tuple[LayerBound, ...]) -> list[str]:

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -188,13 +189,60 @@ def _first_input(module: nn.Module, args: tuple, kwargs: dict, which: int) -> to
     return value if isinstance(value, torch.Tensor) else None
 
 
+# Calls the model on one batch of a sample, for a forward that takes neither a tensor, keyword
+# arguments nor positional arguments the way :func:`model_call` tries them.
+CallModel = Callable[[nn.Module, Any], Any]
+
+
 def _as_batches(sample: Any) -> list[Any]:
-    if isinstance(sample, (torch.Tensor, Mapping)):
+    """A sample as a list of batches: a tensor, a dict or a tuple is one batch, a list holds several."""
+    if isinstance(sample, (torch.Tensor, Mapping, tuple)):
         return [sample]
     if isinstance(sample, Iterable):
         return list(sample)
-    raise TypeError(f"sample_batch must be a tensor of token ids, a dict of model inputs or a list of "
-                    f"them, got {type(sample).__name__}")
+    raise TypeError(f"sample_batch must be a tensor, a dict of keyword arguments, a tuple of positional "
+                    f"arguments, or a list of those, got {type(sample).__name__}")
+
+
+def model_call(model: nn.Module, batch: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """``(args, kwargs)`` that call ``model`` on one batch the way its ``forward`` accepts it.
+
+    A tensor goes in as ``input_ids=`` when ``forward`` takes that keyword (Hugging Face text
+    models), else as the first positional argument (``forward(self, x)``); a dict as keyword
+    arguments, else as one positional argument; a tuple as positional arguments.
+
+    Raises:
+        TypeError: ``forward``'s signature takes the batch in none of these ways.
+    """
+    if isinstance(batch, Mapping):
+        candidates = [((), dict(batch)), ((batch,), {})]
+    elif isinstance(batch, tuple):
+        candidates = [(batch, {})]
+    else:
+        candidates = [((), {"input_ids": batch}), ((batch,), {})]
+    try:
+        signature = inspect.signature(model.forward)
+    except (TypeError, ValueError):  # a forward without a signature (C extension): try the first way
+        return candidates[0]
+    for args, kwargs in candidates:
+        try:
+            signature.bind(*args, **kwargs)
+        except TypeError:
+            continue
+        return args, kwargs
+    what = f"a dict with keys {sorted(batch)}" if isinstance(batch, Mapping) else \
+        f"a tuple of {len(batch)}" if isinstance(batch, tuple) else f"a {type(batch).__name__}"
+    raise TypeError(f"{type(model).__name__}.forward({', '.join(signature.parameters)}) cannot take {what}")
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, Mapping):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return tuple(_to_device(v, device) for v in value)
+    return value
 
 
 def trace_inputs(
@@ -202,8 +250,11 @@ def trace_inputs(
     sites: list[AttentionSite],
     sample: Any,
     head_stats: Callable[[AttentionSite, torch.Tensor, torch.Tensor, torch.Tensor | None], HeadSample] | None,
+    call_model: CallModel | None = None,
 ) -> TraceResult:
-    """Run ``sample`` (token ids, a dict of inputs, or a list of those) through ``model`` with hooks.
+    """Run ``sample`` (a tensor, a dict of keyword arguments, a tuple of positional arguments, or a
+    list of those batches) through ``model`` with hooks, each batch called as :func:`model_call`
+    says, or by ``call_model(model, batch)`` when given (batches moved to the model's device first).
 
     Finds each q/k projection's preceding norm and the largest input norm seen; when
     ``head_stats`` is given it is called once per site and batch with (site, x_q, x_k, valid mask)
@@ -263,11 +314,14 @@ def trace_inputs(
     try:
         with torch.no_grad():
             for batch in _as_batches(sample):
-                kwargs = {"input_ids": batch} if isinstance(batch, torch.Tensor) else dict(batch)
-                kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
-                mask = kwargs.get("attention_mask")
+                batch = _to_device(batch, device)
+                mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
                 mask_holder["mask"] = mask.bool() if isinstance(mask, torch.Tensor) else None
-                model(**kwargs)
+                if call_model is not None:
+                    call_model(model, batch)
+                else:
+                    args, kwargs = model_call(model, batch)
+                    model(*args, **kwargs)
                 result.norms_done = True  # norms are found on the first batch; free its activations
                 norm_outputs.clear()
     except Exception as exc:  # a model we cannot call with these inputs: bounds fall back, say why

@@ -28,7 +28,7 @@ MIN_HISTORY_STEPS = 8
 # Keyword arguments of attention_bounds that ``attention={...}`` may set (the tracker passes the model
 # and its map itself). A test keeps this equal to the signature of attention_bounds.
 ATTENTION_OPTIONS: tuple[str, ...] = ("sample_batch", "delta", "seq_len", "gamma", "method", "include_bias",
-                                      "logit_scale", "warm_start", "dtype")
+                                      "logit_scale", "warm_start", "dtype", "call_model")
 # Heatmaps drawn with ``heatmap=True`` (if published): each image costs ~0.2 s to render.
 DEFAULT_HEATMAP_METRICS: tuple[str, ...] = ("alpha", "stable_rank")
 
