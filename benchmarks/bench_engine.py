@@ -12,7 +12,10 @@ init, seeded; the matrices of the transformer blocks) we time, on the same matri
 and print time ratios and max |d alpha| against WeightWatcher. With ``--write`` the tables are
 stored in docs/performance.md between the ``bench_engine`` markers.
 
-Run: ``python benchmarks/bench_engine.py [--models gpt2-small gpt2-medium llama-1b] [--repeats 2] [--write]``
+Run: ``python benchmarks/bench_engine.py [--models gpt2-small gpt2-medium llama-1b] [--repeats 2]
+[--device cuda] [--write]`` (on CUDA every timing ends with a device synchronisation, WeightWatcher
+runs on its own terms on the same matrices, and the tables go to their own ``bench_engine_cuda``
+section)
 (the 1.1B model takes about half an hour on 2 CPU cores, most of it WeightWatcher and svdvals).
 """
 
@@ -36,7 +39,7 @@ except ImportError:  # pragma: no cover
 MODELS = ("gpt2-small", "gpt2-medium", "llama-1b")
 
 
-def block_matrices(name: str) -> list[torch.Tensor]:
+def block_matrices(name: str, device: torch.device) -> list[torch.Tensor]:
     """The matrices of the transformer blocks (q, k, v, o and MLP; no embeddings) of model ``name``."""
     if name == "llama-1b":
         model = llama_shaped("1B")
@@ -46,14 +49,14 @@ def block_matrices(name: str) -> list[torch.Tensor]:
         torch.manual_seed(0)
         config = GPT2Config() if name == "gpt2-small" else GPT2Config(n_embd=1024, n_layer=24, n_head=16)
         model = GPT2LMHeadModel(config)
-    return [ref.weight().clone() for ref in map_model(model) if ref.depth is not None]
+    return [ref.weight().clone().to(device) for ref in map_model(model) if ref.depth is not None]
 
 
 def as_linear_model(matrices: list[torch.Tensor]) -> nn.Module:
     """The same matrices as plain nn.Linear layers, which every tool reads the same way."""
     layers = nn.ModuleList()
     for w in matrices:
-        layer = nn.Linear(w.shape[1], w.shape[0], bias=False)
+        layer = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device)
         with torch.no_grad():
             layer.weight.copy_(w)
         layers.append(layer)
@@ -74,18 +77,26 @@ def svdvals_loop(matrices: list[torch.Tensor]) -> None:
         torch.linalg.svdvals(w.double())
 
 
+def synchronize() -> None:
+    """Wait for queued GPU work, so that a timing covers the work and not only its launch."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def best_time(function: Callable[[], object], repeats: int) -> tuple[float, object]:
     best, result = float("inf"), None
     for _ in range(repeats):
+        synchronize()
         start = time.perf_counter()
         result = function()
+        synchronize()
         best = min(best, time.perf_counter() - start)
     return best, result
 
 
-def measure(name: str, repeats: int, skip: set[str]) -> dict[str, float]:
+def measure(name: str, repeats: int, skip: set[str], device: torch.device) -> dict[str, float]:
     """Timings (seconds, best of ``repeats``; svdvals and WeightWatcher once) and max |d alpha|."""
-    matrices = block_matrices(name)
+    matrices = block_matrices(name, device)
     model = as_linear_model(matrices)
     model_map = map_model(model)
     print(f"{name}: {len(matrices)} matrices", flush=True)
@@ -121,10 +132,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--skip", nargs="*", choices=("svdvals", "weightwatcher"), default=[],
                         help="leave out the slow references")
+    parser.add_argument("--device", default="cpu", help="where the matrices live (cpu, cuda)")
     parser.add_argument("--write", action="store_true", help="store the tables in docs/performance.md")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
-    results = {name: measure(name, args.repeats, set(args.skip)) for name in args.models}
+    device = torch.device(args.device)
+    results = {name: measure(name, args.repeats, set(args.skip), device) for name in args.models}
 
     timing_names = ("floor float64", "ours float64", "floor float32", "ours float32", "svdvals float64",
                     "weightwatcher")
@@ -142,7 +155,7 @@ def main() -> None:
     header = "| | " + " | ".join(args.models) + " |"
     rule = "|---" * (len(args.models) + 1) + "|"
     lines = [
-        f"Transformer-block matrices of randomly initialised models (seed 0); {machine()}; "
+        f"Transformer-block matrices of randomly initialised models (seed 0); {machine(device)}; "
         f"best of {args.repeats} (svdvals and WeightWatcher: one run); nan: not run.",
         "",
         header, rule,
@@ -158,12 +171,14 @@ def main() -> None:
         "",
         "Command: `python benchmarks/bench_engine.py --models " + " ".join(args.models)
         + f" --repeats {args.repeats}" + (" --skip " + " ".join(args.skip) if args.skip else "")
-        + " --write`",
+        + ("" if device.type == "cpu" else f" --device {args.device}") + " --write`",
     ]
     table = "\n".join(lines)
     print(table)
     if args.write:
-        write_section(DOC, "bench_engine", table, "Engine (bench_engine.py)")
+        section = "bench_engine" if device.type == "cpu" else "bench_engine_cuda"
+        title = "Engine (bench_engine.py)" if device.type == "cpu" else "Engine on the GPU (--device cuda)"
+        write_section(DOC, section, table, title)
         print(f"wrote {DOC}")
 
 
