@@ -27,7 +27,7 @@ from ..core.options import MIN_HISTORY_STEPS
 from ..core.roles import ROLES
 from ..core.snapshot import Snapshot
 
-STATE_FORMAT = "spectral_plugins.lifecycle.history"
+STATE_FORMAT = "spectral_plugins.history"  # the saved-state name since 0.1.0, not a module path
 STATE_VERSION = 1
 DEFAULT_METRICS: tuple[str, ...] = ("stable_rank", "alpha", "spectral_norm", "effective_rank")
 DEFAULT_MAX_STEPS = 512

@@ -31,7 +31,7 @@ from .delivery import Delivery
 from .publishing import GuardedPublisher, Publisher, RunSummary, StepReport, console
 from .strategies import make_strategy
 
-STATE_FORMAT = "spectral_plugins.runtime.tracker"
+STATE_FORMAT = "spectral_plugins.tracker"  # the saved-state name since 0.1.0, not a module path
 STATE_VERSION = 1
 
 

@@ -208,6 +208,17 @@ def test_state_of_another_format_is_refused(model: CharGPT) -> None:
         SpectralTracker(model).load_state_dict({"format": "other"})
 
 
+def test_saved_states_keep_their_names_across_the_package_layout(model: CharGPT) -> None:
+    """Checkpoints written before the folder layout name their state "spectral_plugins.tracker" and
+    "spectral_plugins.history": they must still load."""
+    tracker = SpectralTracker(model, every_n_steps=1)
+    tracker.step(1)
+    state = tracker.state_dict()
+    assert state["format"] == "spectral_plugins.tracker"
+    assert state["analyses"]["lifecycle"]["history"]["format"] == "spectral_plugins.history"
+    SpectralTracker(model, every_n_steps=1).load_state_dict(state)
+
+
 def test_attention_bounds_plug_in_as_an_analysis(model: CharGPT) -> None:
     sample = torch.randint(0, TINY.vocab_size, (2, TINY.block_size))
     tracker = SpectralTracker(model, every_n_steps=1, attention={"sample_batch": sample})
