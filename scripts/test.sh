@@ -5,4 +5,5 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 . scripts/setup.sh
 ruff check .
 lint-imports --no-cache >/dev/null || lint-imports --no-cache  # folders import only downward
+mypy  # static types: strict on the core, configured in pyproject's [tool.mypy]
 exec python -m pytest -q "$@"

@@ -242,8 +242,8 @@ class SpectralCallback(TrainerCallback, ExportableState):
             name = getattr(publisher, "name", type(publisher).__name__)
             if hasattr(publisher, "log_dir"):
                 where.append(f"{name} (tensorboard --logdir {publisher.log_dir})")
-            elif getattr(publisher, "run_id", None):
-                where.append(f"{name} (run {publisher.run_id})")
+            elif run_id := getattr(publisher, "run_id", None):
+                where.append(f"{name} (run {run_id})")
             else:
                 where.append(name)
         console().info("spectral-plugins: snapshots every %d optimizer steps to %s", self.every_n_steps,

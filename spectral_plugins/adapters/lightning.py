@@ -129,6 +129,7 @@ def _publisher_or_none(logger: Any) -> Publisher | None:
         return None
 
 
+# The bases are chosen at import (the installed Lightning's Callback), which mypy cannot follow.
 class SpectralMonitor(*_callback_bases()):  # type: ignore[misc]
     """Snapshots weight spectra every ``every_n_steps`` optimizer steps and publishes them to every
     logger of the trainer (see the module docs).

@@ -346,10 +346,10 @@ def _layer(site: AttentionSite, spectrum: tuple, trace: Any, has_sample: bool, i
     r_q, r_k, source, norm_info, sample_norm = _input_norms(site, trace, has_sample, include_bias)
     observed = trace.heads.get(site.key) if trace is not None else None
     dim = site.q.shape[1]
-    heads_kv = site.k.num_heads
-    group = site.q.num_heads // heads_kv
+    heads_kv = site.num_kv_heads
+    group = site.num_heads // heads_kv
     heads = []
-    for h in range(site.q.num_heads):
+    for h in range(site.num_heads):
         norm_h = float(norms[h])
         bound_norm = float(q_norms[h] * k_norms[h]) if site.rope else norm_h
         bound = st.deterministic_bound(bound_norm, r_q, r_k, site.logit_scale)
@@ -365,7 +365,7 @@ def _layer(site: AttentionSite, spectrum: tuple, trace: Any, has_sample: bool, i
             st.rank_aware_threshold(bound, gamma_h, rank, dim, n, delta),
             st.rank_agnostic_threshold(bound, dim, n, delta), st.exponent_ratio(dim, gamma_h, rank),
             float(observed.max_abs_logit[h]) if observed is not None else math.nan))
-    return LayerBound(site.key, site.depth, site.q.name, site.k.name, site.q.num_heads, heads_kv,
+    return LayerBound(site.key, site.depth, site.q.name, site.k.name, site.num_heads, heads_kv,
                       site.q.head_dim or 0, dim, site.has_bias(include_bias), site.logit_scale,
                       site.logit_scale_source, site.rope, r_q, r_k, source,
                       norm_info.module_name if norm_info else None, sample_norm, n, tuple(heads))

@@ -38,6 +38,8 @@ class AttentionSite:
         logit_scale: c in ``S = c q . k``, times ``s^2`` for a RoPE ``attention_scaling`` s.
         logit_scale_source: where c came from (an attribute, a rule, or an assumption).
         rope: whether RoPE rotates q and k (then ``||M_h||`` alone bounds only equal positions).
+        num_heads, num_kv_heads: the head counts of q and of k (known: a q matrix without them is
+            not a site).
     """
 
     key: str
@@ -47,6 +49,8 @@ class AttentionSite:
     logit_scale: float
     logit_scale_source: str
     rope: bool
+    num_heads: int
+    num_kv_heads: int
 
     @property
     def depth(self) -> int | None:
@@ -60,11 +64,11 @@ class AttentionSite:
         """``([H, d_h, d(+1)], [H_kv, d_h, d(+1)])`` head slices of W_Q and W_K (a zero bias column
         for a projection without bias when the other has one)."""
         out = []
-        for ref in (self.q, self.k):
+        for ref, num_heads in ((self.q, self.num_heads), (self.k, self.num_kv_heads)):
             weight, bias = ref.weight(), ref.bias()
             if bias is None and self.has_bias(include_bias):
                 bias = weight.new_zeros(weight.shape[0])
-            out.append(head_slices(weight, ref.num_heads, bias if include_bias else None))
+            out.append(head_slices(weight, num_heads, bias if include_bias else None))
         return out[0], out[1]
 
 
@@ -82,9 +86,9 @@ def attention_sites(model: nn.Module, model_map: ModelMap, logit_scale: float | 
     for q in model_map.by_role("q"):
         partners = [k for k in model_map.by_role("k") if k.depth == q.depth and (
             k.module_name == q.module_name or _parent(k.module_name) == _parent(q.module_name))]
-        if not partners or not q.num_heads or not partners[0].num_heads or not q.head_dim:
+        k = partners[0] if partners else None
+        if k is None or not q.num_heads or not k.num_heads or not q.head_dim:
             continue
-        k = partners[0]
         owner = q.module_name if q.module_name == k.module_name and isinstance(
             model.get_submodule(q.module_name), nn.MultiheadAttention) else _parent(q.module_name)
         if logit_scale is not None:
@@ -92,7 +96,8 @@ def attention_sites(model: nn.Module, model_map: ModelMap, logit_scale: float | 
         else:
             scale, source = _logit_scale(model, owner, q.head_dim, model_map.model_type)
         key = re.sub(r"(^|_)q(?=_|$)", r"\1attn", q.key, count=1)
-        sites.append(AttentionSite(key, q, k, owner, scale * rope_scaling**2, source, bool(rotary)))
+        sites.append(AttentionSite(key, q, k, owner, scale * rope_scaling**2, source, bool(rotary),
+                                   q.num_heads, k.num_heads))
     return sites
 
 

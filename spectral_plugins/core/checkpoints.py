@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import pickle
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,7 +47,7 @@ class SkippedTensors:
 
     def lines(self, limit: int = 8) -> list[str]:
         """One line per reason that occurred, naming up to ``limit`` tensors each."""
-        def names(items: tuple[tuple[str, Any], ...], show) -> str:
+        def names(items: tuple[tuple[str, Any], ...], show: Callable[[Any], str]) -> str:
             listed = ", ".join(f"{name} {show(detail)}" for name, detail in items[:limit])
             return listed + (f", ... and {len(items) - limit} more" if len(items) > limit else "")
 

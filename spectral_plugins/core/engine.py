@@ -59,11 +59,9 @@ class SpectralEngine:
             raise ValueError(f"method={method!r}; choose one of {METHODS}")
         self.method = "gram" if method == "auto" else method
         self.device = torch.device(device) if device is not None else None
-        if isinstance(dtype, str):
-            if dtype not in ("float32", "float64"):
-                raise ValueError(f"dtype={dtype!r}; choose 'float32' or 'float64'")
-            dtype = getattr(torch, dtype)
-        self.dtype = dtype
+        if isinstance(dtype, str) and dtype not in ("float32", "float64"):
+            raise ValueError(f"dtype={dtype!r}; choose 'float32' or 'float64'")
+        self.dtype: torch.dtype | None = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         self.keep_eigenvalues = keep_eigenvalues
         self.max_batch_bytes = max_batch_bytes
         self._warned_nonfinite: set[str] = set()
@@ -109,7 +107,7 @@ class SpectralEngine:
 
     def _spectra(self, refs: tuple[MatrixRef, ...] | list[MatrixRef]) -> Iterator[_Spectra]:
         """Batches of equal-shape matrices on one device, largest first."""
-        groups: dict[tuple, list[MatrixRef]] = {}
+        groups: dict[tuple[tuple[int, ...], str], list[MatrixRef]] = {}
         for ref in refs:
             groups.setdefault((tuple(sorted(ref.shape)), str(self.device or ref.device)), []).append(ref)
         for (small_large, _), members in sorted(groups.items(), key=lambda kv: -kv[0][0][0] * kv[0][0][1]):
@@ -150,9 +148,8 @@ class SpectralEngine:
         eigenvalues = eigenvalues.clamp_min(0)
         size = max(stack.shape[-2:])
         floor = torch.finfo(dtype).eps * size * eigenvalues[:, -1]
-        to_cpu = dict(device="cpu", dtype=torch.float64)
-        return _Spectra(refs, eigenvalues.to(**to_cpu), frobenius_sq.to(**to_cpu), finite.cpu(),
-                        floor.to(**to_cpu))
+        return _Spectra(refs, eigenvalues.to("cpu", torch.float64), frobenius_sq.to("cpu", torch.float64),
+                        finite.cpu(), floor.to("cpu", torch.float64))
 
     def _layer(self, ref: MatrixRef, spectra: _Spectra, i: int) -> LayerSpectrum:
         eigenvalues = spectra.eigenvalues[i]

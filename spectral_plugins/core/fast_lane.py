@@ -136,7 +136,8 @@ class FastLane:
 
     def _random_vectors(self, count: int, k: int, device: str | torch.device) -> torch.Tensor:
         vectors = torch.randn((count, k), generator=self._generator, dtype=self.dtype)
-        return (vectors / vectors.norm(dim=-1, keepdim=True)).to(device)
+        unit: torch.Tensor = vectors / vectors.norm(dim=-1, keepdim=True)
+        return unit.to(device)
 
     @torch.no_grad()
     def measure(self, step: int) -> FastMeasure:

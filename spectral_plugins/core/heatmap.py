@@ -47,22 +47,22 @@ class Heatmap:
 
 def heatmaps(snapshot: Snapshot, metrics: tuple[str, ...] | list[str]) -> list[Heatmap]:
     """One :class:`Heatmap` per metric over the snapshot's block matrices."""
-    block_layers = [layer for layer in snapshot.layers if layer.depth is not None]
+    block_layers = [(layer.depth, layer) for layer in snapshot.layers if layer.depth is not None]
     if not block_layers:
         return []
-    depths = tuple(sorted({layer.depth for layer in block_layers}))
-    roles = tuple(r for r in BLOCK_ROLES if any(layer.role == r for layer in block_layers))
+    depths = tuple(sorted({depth for depth, _ in block_layers}))
+    roles = tuple(r for r in BLOCK_ROLES if any(layer.role == r for _, layer in block_layers))
     row = {d: i for i, d in enumerate(depths)}
     col = {r: j for j, r in enumerate(roles)}
     result = []
     for metric in metrics:
         total = np.zeros((len(depths), len(roles)))
         count = np.zeros_like(total)
-        for layer in block_layers:
+        for depth, layer in block_layers:
             value = layer.metric(metric)
             if math.isfinite(value):
-                total[row[layer.depth], col[layer.role]] += value
-                count[row[layer.depth], col[layer.role]] += 1
+                total[row[depth], col[layer.role]] += value
+                count[row[depth], col[layer.role]] += 1
         with np.errstate(invalid="ignore"):
             values = np.where(count > 0, total / np.maximum(count, 1), np.nan)
         result.append(Heatmap(metric, snapshot.step, depths, roles, values))
@@ -86,7 +86,8 @@ def _render_matplotlib(heatmap: Heatmap) -> np.ndarray:
     figure.tight_layout()
     canvas = FigureCanvasAgg(figure)
     canvas.draw()
-    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+    rgb: np.ndarray = np.asarray(canvas.buffer_rgba())[..., :3].copy()
+    return rgb
 
 
 def _render_cells(heatmap: Heatmap, cell: int) -> np.ndarray:

@@ -5,15 +5,17 @@ from __future__ import annotations
 import fnmatch
 import warnings
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeAlias
 
 import torch
 from torch import nn
 
 from .keys import layer_key, sanitize
 from .roles import ROLES, RoleGuess, guess_role, looks_like_embedding
+
+_Patterns: TypeAlias = "list[str] | tuple[str, ...] | str | None"  # include / exclude glob pattern(s)
 
 
 @dataclass(frozen=True, eq=False)
@@ -43,6 +45,7 @@ class MatrixRef:
     num_heads: int | None = None
     head_dim: int | None = None
     tied_names: tuple[str, ...] = ()
+    # Always given by the map; the None default only lets it follow the defaulted public fields.
     _tensor: torch.Tensor = field(default=None, repr=False)  # type: ignore[assignment]
     _bias: torch.Tensor | None = field(default=None, repr=False)
     _transposed: bool = field(default=False, repr=False)
@@ -200,8 +203,8 @@ def map_state_dict(
     # GPT-2 checkpoints without a config.json are still recognisable by their Conv1D names.
     gpt2_names = any(k.endswith("attn.c_attn.weight") for k in state_dict)
     model_type = config.get("model_type") or ("gpt2" if gpt2_names else None)
-    sources = []
-    seen: dict[tuple, int] = {}
+    sources: list[_Source] = []
+    seen: dict[tuple[object, ...], int] = {}
     for path, tensor in state_dict.items():
         if not isinstance(tensor, torch.Tensor) or skip_reason(tensor) is not None:
             continue
@@ -314,7 +317,9 @@ def _block_depths(sources: list[_Source]) -> tuple[str | None, dict[str, int]]:
     return blocks_path, depths
 
 
-def _build_map(sources, model_type, heads, include, exclude, roles, module_heads) -> ModelMap:
+def _build_map(sources: list[_Source], model_type: str | None, heads: _Heads, include: _Patterns,
+               exclude: _Patterns, roles: Mapping[str, str] | None,
+               module_heads: Callable[[str], _Heads]) -> ModelMap:
     if not sources:
         raise ValueError(
             "the model has no 2-D weight matrices to analyse (spectral-plugins reads nn.Linear, "
@@ -351,6 +356,7 @@ def _split(source: _Source, depth: int | None, guess: RoleGuess, heads: _Heads) 
         return [dict(base, name=source.path, role=role, shape=(rows_total, cols), num_heads=num,
                      head_dim=head_dim)]
     head_dim, num_q, num_kv = heads.head_dim, heads.num_heads, heads.num_kv_heads
+    parts: list[tuple[str, slice | torch.Tensor, int | None]]  # (role, rows, heads) per slice
     if guess.fused == "interleaved" and num_q and rows_total % (3 * num_q) == 0:
         head_dim = rows_total // (3 * num_q)
         grid = torch.arange(rows_total).view(num_q, 3, head_dim)
@@ -419,7 +425,7 @@ def _assign_keys(drafts: list[dict[str, Any]]) -> None:
             d["key"] = f"{layer_key(d['depth'], d['role'], depth_digits)}_{sanitize(d['name'])}"
 
 
-def _patterns(patterns: list[str] | tuple[str, ...] | str | None) -> list[str] | None:
+def _patterns(patterns: _Patterns) -> list[str] | None:
     return None if patterns is None else [patterns] if isinstance(patterns, str) else list(patterns)
 
 
@@ -427,7 +433,7 @@ def _matches(draft: dict[str, Any], pattern: str) -> bool:
     return any(fnmatch.fnmatchcase(draft[f], pattern) for f in ("name", "key", "module_name"))
 
 
-def _select(drafts: list[dict[str, Any]], include, exclude) -> list[dict[str, Any]]:
+def _select(drafts: list[dict[str, Any]], include: _Patterns, exclude: _Patterns) -> list[dict[str, Any]]:
     """The drafts ``include`` keeps and ``exclude`` does not drop.
 
     Raises a ValueError naming the option when nothing is left (an include pattern that matches no

@@ -52,7 +52,7 @@ def name_list(name: str, value: object) -> tuple[str, ...] | None:
         return (value,)
     if isinstance(value, Mapping) or not hasattr(value, "__iter__"):
         raise ValueError(f"{name} must be a name or a list of names, got {value!r}")
-    names = tuple(value)  # type: ignore[arg-type]
+    names = tuple(value)
     bad = [n for n in names if not isinstance(n, str)]
     if bad:
         raise ValueError(f"{name} must hold names (strings), got {bad!r} in {value!r}")
@@ -76,7 +76,7 @@ def metric_list(name: str, value: object, allow_empty: bool = False) -> tuple[st
 def flag(name: str, value: object, optional: bool = False) -> bool | None:
     """``value`` if it is True or False (or None when ``optional``); else a ValueError naming it."""
     if (optional and value is None) or isinstance(value, bool):
-        return value  # type: ignore[return-value]
+        return value
     allowed = "True, False or None" if optional else "True or False"
     raise ValueError(f"{name} must be {allowed}, got {value!r}")
 
@@ -138,7 +138,7 @@ def device_option(name: str, value: object) -> str | torch.device | None:
     if value is None or isinstance(value, torch.device):
         return value
     try:
-        torch.device(value)  # type: ignore[arg-type]
+        torch.device(value)  # type: ignore[call-overload]  # any object: torch says what is wrong
     except (RuntimeError, TypeError) as error:
         raise ValueError(f"{name}={value!r} is not a device ({error}); pass e.g. 'cpu' or 'cuda:0'") from None
     return value  # type: ignore[return-value]

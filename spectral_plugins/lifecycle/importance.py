@@ -24,6 +24,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from ..core.snapshot import Snapshot
 from .depth_profile import settled_profile
@@ -73,8 +74,8 @@ class PruningAdvice:
     importance: BlockImportance
 
 
-def block_importance(depths: Sequence[int | None], roles: Sequence[str], alphas: Sequence[float],
-                     reference: Sequence[float] | None = None, method: str = "alpha",
+def block_importance(depths: Sequence[int | None], roles: Sequence[str], alphas: ArrayLike,
+                     reference: ArrayLike | None = None, method: str = "alpha",
                      use_roles: Sequence[str] = BLOCK_ROLES) -> BlockImportance:
     """Importance per block from per-matrix alphas (``reference``: first alphas, for ``alpha_drop``)."""
     if method not in IMPORTANCE_METHODS:

@@ -82,7 +82,7 @@ def _hidden_states(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tenso
 def _identity_forward(block: nn.Module, original: Callable[..., Any]) -> Callable[..., Any]:
     """A forward returning its input hidden states, shaped like ``original``'s output (learned on the
     first call, which runs ``original`` once to see whether it returns a tensor or a tuple/list)."""
-    layout: list[tuple[type, int]] = []
+    layout: list[tuple[type[Any], int]] = []
 
     def forward(*args: Any, **kwargs: Any) -> Any:
         hidden = _hidden_states(args, kwargs)

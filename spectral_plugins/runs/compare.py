@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from ..lifecycle.history import SpectralHistory
 from ..lifecycle.signals import LifecycleConfig, LifecycleSummary, summarize
@@ -42,7 +43,7 @@ class DepthScalingFit:
     n_runs: int
 
 
-def fit_depth_scaling(depths: Sequence[float], delta_alphas: Sequence[float]) -> DepthScalingFit:
+def fit_depth_scaling(depths: ArrayLike, delta_alphas: ArrayLike) -> DepthScalingFit:
     """Least squares of ``ln Delta_alpha`` on ``ln L`` over the pairs where both are finite and > 0."""
     x = np.asarray(depths, dtype=np.float64)
     y = np.asarray(delta_alphas, dtype=np.float64)

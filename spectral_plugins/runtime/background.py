@@ -184,7 +184,7 @@ class BackgroundSnapshotter:
         self._collect()  # a finished future is moved to the ready list before it is replaced
         started = time.perf_counter()
         try:
-            events = self._copy()
+            shadow, events = self._copy()
         except Exception as error:  # noqa: BLE001 - a failed copy must not reach the training loop
             self._fail(step, error)
             return False
@@ -193,7 +193,7 @@ class BackgroundSnapshotter:
             threads = self.threads or torch.get_num_threads()
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spectral-snapshot",
                                                 initializer=self._init_worker, initargs=(threads,))
-        self._future = self._executor.submit(self._compute, self._shadow, step, events)
+        self._future = self._executor.submit(self._compute, shadow, step, events)
         self._future_step = step
         return True
 
@@ -235,13 +235,14 @@ class BackgroundSnapshotter:
     def _buffer_device(self, source: torch.Tensor) -> torch.device:
         return self.buffer_device if self.buffer_device is not None else source.device
 
-    def _ensure_buffers(self) -> None:
-        """(Re)allocate the buffers if missing or if a source changed shape, dtype or device."""
+    def _ensure_buffers(self) -> ModelMap:
+        """(Re)allocate the buffers if missing or if a source changed shape, dtype or device; the map
+        viewing them."""
         stale = len(self._buffers) != len(self._sources) or any(
             b.shape != s.shape or b.dtype != s.dtype or b.device != self._buffer_device(s)
             for b, s in zip(self._buffers, self._sources))
-        if not stale:
-            return
+        if not stale and self._shadow is not None:
+            return self._shadow
         buffers = []
         for source in self._sources:
             device = self._buffer_device(source)
@@ -250,11 +251,12 @@ class BackgroundSnapshotter:
         self._buffers = buffers
         refs = tuple(ref.with_source(buffers[i]) for ref, i in zip(self.model_map.matrices, self._index))
         self._shadow = dataclasses.replace(self.model_map, matrices=refs)
+        return self._shadow
 
-    def _copy(self) -> tuple[torch.cuda.Event, ...]:
-        """Copy every source into its buffer; CUDA sources on a side stream per device (returns the
-        events the computation must wait for), the others inline."""
-        self._ensure_buffers()
+    def _copy(self) -> tuple[ModelMap, tuple[torch.cuda.Event, ...]]:
+        """Copy every source into its buffer; CUDA sources on a side stream per device, the others
+        inline. Returns the map viewing the buffers and the events the computation must wait for."""
+        shadow = self._ensure_buffers()
         cuda_pairs: dict[torch.device, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         with torch.no_grad():
             for source, buffer in zip(self._sources, self._buffers):
@@ -276,7 +278,7 @@ class BackgroundSnapshotter:
                 event.record(stream)
             training.wait_event(event)  # the next update waits for the copy, the host does not
             events.append(event)
-        return tuple(events)
+        return shadow, tuple(events)
 
     # ------------------------------------------------------------------ computing
     def _init_worker(self, threads: int) -> None:

@@ -41,6 +41,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -49,6 +50,11 @@ from torch import nn
 from ..core.engine import SpectralEngine
 from ..core.model_map import MatrixRef, ModelMap, map_model
 from ..core.snapshot import LayerSpectrum, Snapshot
+
+if TYPE_CHECKING:  # imported lazily at run time: torch < 2.4 has it elsewhere (_dtensor_types)
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    _DTensorTypes = tuple[type[DTensor], type[Replicate], type[Shard]]
 
 log = logging.getLogger("spectral_plugins")
 
@@ -258,7 +264,7 @@ def failed_layer(ref: MatrixRef) -> LayerSpectrum:
 
 
 # ---------------------------------------------------------------------- materialising weights
-def _dtensor_types() -> tuple[type, type, type] | None:
+def _dtensor_types() -> _DTensorTypes | None:
     try:
         from torch.distributed.tensor import DTensor, Replicate, Shard
     except ImportError:  # torch < 2.4
@@ -270,29 +276,30 @@ def _dtensor_types() -> tuple[type, type, type] | None:
 
 
 def _materialise(units: list[Unit], rank: int,
-                 group: dist.ProcessGroup | None) -> tuple[list[torch.Tensor | None], tuple[int, ...]]:
-    """Per unit: the full source tensor on its owner, None elsewhere; and the units this rank could not
+                 group: dist.ProcessGroup | None) -> tuple[dict[int, torch.Tensor], tuple[int, ...]]:
+    """The full source tensor of each unit this rank owns, by unit index; and the units this rank could not
     contribute its shard to (their matrices are reported failed). Every rank walks the units in the
     same order and joins the same collectives (only DTensor units communicate)."""
     types = _dtensor_types()
     owner_globals = [unit.owner if group is None else dist.get_global_rank(group, unit.owner)
                      for unit in units]
-    full: list[torch.Tensor | None] = []
+    full: dict[int, torch.Tensor] = {}
     bad: list[int] = []
     for i, (unit, owner) in enumerate(zip(units, owner_globals)):
         tensor = unit.source.detach()
         if types is not None and isinstance(tensor, types[0]):
             gathered, ok = _gather_dtensor(tensor, owner, types)
-            full.append(gathered)
+            if gathered is not None:
+                full[i] = gathered
             if not ok:
                 bad.append(i)
-        else:
-            full.append(tensor if unit.owner == rank else None)
+        elif unit.owner == rank:
+            full[i] = tensor
     return full, tuple(bad)
 
 
-def _gather_dtensor(tensor: torch.Tensor, owner: int,
-                    types: tuple[type, type, type]) -> tuple[torch.Tensor | None, bool]:
+def _gather_dtensor(tensor: DTensor, owner: int,
+                    types: _DTensorTypes) -> tuple[torch.Tensor | None, bool]:
     """The full tensor of a DTensor on global rank ``owner`` (None on the others), and whether this
     rank's shard went into it intact."""
     _, replicate, shard = types
@@ -309,7 +316,7 @@ def _gather_dtensor(tensor: torch.Tensor, owner: int,
     return (full if me == owner else None), True
 
 
-def _gather_shards(tensor: torch.Tensor, dim: int, owner: int, me: int, members: list[int],
+def _gather_shards(tensor: DTensor, dim: int, owner: int, me: int, members: list[int],
                    group: dist.ProcessGroup) -> tuple[torch.Tensor | None, bool]:
     """Gather the ``torch.chunk``-style shards of a 1-D-mesh DTensor along ``dim`` to ``owner``: each
     is padded to the largest shard size for the collective and trimmed on arrival. A rank whose shard
