@@ -148,6 +148,7 @@ class Background(SnapshotStrategy):
     once closed. A due step reached while a snapshot is in flight is skipped and counted."""
 
     background = True
+    worker: BackgroundSnapshotter
 
     def __init__(self, worker: BackgroundSnapshotter, inline: SnapshotStrategy) -> None:
         super().__init__(inline.counts)
@@ -180,6 +181,7 @@ class SharedBackground(SnapshotStrategy):
     :meth:`flush`), a collective; a rank whose share is still computing then is waited for."""
 
     background = True
+    worker: BackgroundSnapshotter
 
     def __init__(self, analyzer: DistributedAnalyzer, model_map: ModelMap, worker: BackgroundSnapshotter,
                  inline: Distributed) -> None:
