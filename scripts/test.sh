@@ -6,4 +6,6 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ruff check .
 lint-imports --no-cache >/dev/null || lint-imports --no-cache  # folders import only downward
 mypy  # static types: strict on the core, configured in pyproject's [tool.mypy]
+# The docs site (guide + API reference); --strict: a broken link or docstring cross-reference fails.
+NO_MKDOCS_2_WARNING=1 mkdocs build --strict --site-dir site
 exec python -m pytest -q "$@"

@@ -200,11 +200,19 @@ class GroupSummary:
     """One role group over the whole run.
 
     Attributes:
-        group: role group. num_blocks: depths present. wave_speed / wave_r2: arrival-based speed
-        (blocks per 1k steps) and its R^2. reversed / reversal_step: the reversal. final_nsr_order:
-        compression order at the last step. delta_alpha / alpha_depth_gradient: of the settled alpha
-        profile. settled_alpha: (D,) that profile. inverted_u: its quadratic fit. tau_fast / tau_slow:
-        medians over the group's matrices of the two-timescale fit of alpha (steps).
+        group: role group.
+        num_blocks: depths present.
+        wave_speed: arrival-based speed of the compression wave front (blocks per 1k steps).
+        wave_r2: R^2 of that arrival fit.
+        reversed: whether the wave reversed (late layers ending more compressed than early ones).
+        reversal_step: the step of the reversal.
+        final_nsr_order: compression order (slope of normalised stable rank over depth) at the last step.
+        delta_alpha: spread over depth of the settled alpha profile.
+        alpha_depth_gradient: least-squares slope of the settled alpha profile against depth.
+        settled_alpha: (D,) that profile.
+        inverted_u: its quadratic fit.
+        tau_fast: median over the group's matrices of the fast timescale of alpha's fit (steps).
+        tau_slow: the same for the slow timescale (steps).
     """
 
     group: str
