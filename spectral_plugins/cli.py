@@ -8,7 +8,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .core.engine import METHODS, SpectralEngine
+from tqdm import tqdm
+
+from .core.engine import METHODS, ProgressCallback, SpectralEngine
 from .core.metrics import METRIC_NAMES
 from .core.snapshot import Snapshot, layer_table
 
@@ -90,16 +92,15 @@ def format_table(snapshot: Snapshot) -> str:
             f"dtype={snapshot.dtype}, {snapshot.seconds:.2f} s")
 
 
-def _progress_bar(total: int):
-    stream = sys.stderr
+def _progress_bar(total: int) -> ProgressCallback:
+    """A tqdm bar on stderr that the engine's ``(done, total)`` callbacks advance; it closes when all
+    ``total`` matrices are done (and stays silent when stderr is not a terminal)."""
+    bar = tqdm(total=total, desc="spectra", unit="matrix", file=sys.stderr, disable=None)
 
     def update(done: int, _total: int) -> None:
-        width = 30
-        filled = int(width * done / max(total, 1))
-        stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} matrices")
+        bar.update(done - bar.n)
         if done >= total:
-            stream.write("\n")
-        stream.flush()
+            bar.close()
 
     return update
 
