@@ -146,12 +146,12 @@ def device_option(name: str, value: object) -> str | torch.device | None:
 
 @dataclass(frozen=True)
 class Options:
-    """Every setting of a tracker after :func:`check_options` (names normalised to tuples).
+    """Every setting of a tracker after :func:`check_options` (names normalised to tuples). The
+    attributes not listed below are the tracker's arguments of the same name.
 
     Attributes:
         heatmap: the metrics drawn as depth x role heatmaps (resolved from True / False / names).
         history: True, False or the number of snapshots kept.
-        The others are the tracker's arguments of the same name.
     """
 
     every_n_steps: int

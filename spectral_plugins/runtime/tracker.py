@@ -48,7 +48,7 @@ class SpectralTracker:
         include, exclude, roles: passed to :func:`~spectral_plugins.core.model_map.map_model`.
         method: engine method ("auto", "gram", "svd").
         heatmap: publish depth x role heatmap images: True for
-            :data:`~spectral_plugins.core.heatmap.DEFAULT_HEATMAP_METRICS` (those published), False for
+            :data:`~spectral_plugins.core.options.DEFAULT_HEATMAP_METRICS` (those published), False for
             none, or the metric names to draw.
         history: keep a metric history and the lifecycle signals computed from it: True (default
             cap of kept steps), an int (that cap), or False (no history, no lifecycle).
