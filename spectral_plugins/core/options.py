@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 
@@ -33,6 +33,10 @@ ATTENTION_OPTIONS: tuple[str, ...] = ("sample_batch", "delta", "seq_len", "gamma
 DEFAULT_HEATMAP_METRICS: tuple[str, ...] = ("alpha", "stable_rank")
 
 
+@overload
+def positive_int(name: str, value: object, optional: Literal[False] = False) -> int: ...
+@overload
+def positive_int(name: str, value: object, optional: bool) -> int | None: ...
 def positive_int(name: str, value: object, optional: bool = False) -> int | None:
     """``value`` if it is an integer >= 1 (or None when ``optional``); else a ValueError naming it."""
     if optional and value is None:
@@ -73,6 +77,10 @@ def metric_list(name: str, value: object, allow_empty: bool = False) -> tuple[st
     return names
 
 
+@overload
+def flag(name: str, value: object, optional: Literal[False] = False) -> bool: ...
+@overload
+def flag(name: str, value: object, optional: bool) -> bool | None: ...
 def flag(name: str, value: object, optional: bool = False) -> bool | None:
     """``value`` if it is True or False (or None when ``optional``); else a ValueError naming it."""
     if (optional and value is None) or isinstance(value, bool):
@@ -141,7 +149,7 @@ def device_option(name: str, value: object) -> str | torch.device | None:
         torch.device(value)  # type: ignore[call-overload]  # any object: torch says what is wrong
     except (RuntimeError, TypeError) as error:
         raise ValueError(f"{name}={value!r} is not a device ({error}); pass e.g. 'cpu' or 'cuda:0'") from None
-    return value  # type: ignore[return-value]
+    return value  # type: ignore[return-value]  # torch took it: a device string (or an int index)
 
 
 @dataclass(frozen=True)
@@ -196,7 +204,7 @@ def check_options(
 
     checked_metrics = metric_list(public("metrics"), metrics)
     return Options(
-        every_n_steps=positive_int(public("every_n_steps"), every_n_steps),  # type: ignore[arg-type]
+        every_n_steps=positive_int(public("every_n_steps"), every_n_steps),
         metrics=checked_metrics,
         heatmap=heatmap_option(public("heatmap"), heatmap, checked_metrics),
         include=name_list(public("include"), include),
@@ -207,6 +215,6 @@ def check_options(
         attention=attention_option(public("attention"), attention),
         device=device_option(public("device"), device),
         threads=positive_int(public("threads"), threads, optional=True),
-        background=flag(public("background"), background),  # type: ignore[arg-type]
+        background=flag(public("background"), background),
         distributed=flag(public("distributed"), distributed, optional=True),
     )

@@ -199,6 +199,7 @@ def _per_step_names() -> set[str]:
     from ..lifecycle.signals import GroupState, LifecycleState
 
     values = [1.0] * (len(fields(GroupState)) - 1)
+    # Only the key names are read, so 1.0 stands in for every field (whatever its declared type).
     probe = LifecycleState(0, (GroupState("all", *values),), 1.0)  # type: ignore[arg-type]
     return {key.split("/")[1] for key in probe.scalars()}
 
