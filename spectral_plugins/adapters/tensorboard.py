@@ -180,15 +180,18 @@ def custom_scalars_layout(snapshot: Snapshot, metrics: Iterable[str],
     """The whole custom-scalars layout for ``SummaryWriter.add_custom_scalars``.
 
     One category ``spectral_<metric>`` per metric with one multi-line chart per role present in
-    the blocks (``alpha · q`` over ``spectral_alpha/L\\d+_q$``) and one for the matrices outside the
+    the blocks (``alpha · q`` over ``spectral_alpha/L\\d+_q$``; per stack and role in a model of
+    several stacks: ``alpha · encoder q``) and one for the matrices outside the
     blocks (``alpha · embed+lm_head``); a ``spectral_lifecycle`` category with one chart per signal
     (every role group on it); a ``spectral_attention`` category with one chart per attention
     quantity found in ``scalars``. Chart regexes are matched from the start of the tag
     (TensorBoard uses ``re.match``).
     """
     scalars = scalars or {}
-    block_roles = [r for r in BLOCK_ROLES if any(la.role == r and la.depth is not None for la in snapshot)]
-    role_regex = {role: _role_regex(snapshot, role) for role in block_roles}
+    stacks = list(dict.fromkeys(la.stack for la in snapshot if la.depth is not None))
+    role_regex = {(f"{stack} " if stack else "") + role: _role_regex(snapshot, role, stack)
+                  for stack in stacks for role in BLOCK_ROLES
+                  if any(la.role == role and la.depth is not None and la.stack == stack for la in snapshot)}
     outside = [la.key for la in snapshot if la.depth is None]
     layout: dict[str, dict[str, list[Any]]] = {}
     for metric in metrics:
@@ -233,13 +236,14 @@ def summary_markdown(summary: RunSummary) -> str:
     return "\n\n".join(parts)
 
 
-def _role_regex(snapshot: Snapshot, role: str) -> str:
-    """Layer keys of ``role`` inside the blocks: ``L\\d+_q$``, or with the suffix the model map adds
-    when two matrices of one block share a role (``L03_q_c_attn``)."""
-    keys = [la.key for la in snapshot if la.role == role and la.depth is not None]
-    if all(re.fullmatch(rf"L\d+_{role}", key) for key in keys):
-        return rf"L\d+_{role}$"
-    return rf"L\d+_{role}(_\w+)?$"
+def _role_regex(snapshot: Snapshot, role: str, stack: str | None = None) -> str:
+    """Layer keys of ``role`` inside the blocks (of one stack): ``L\\d+_q$`` (``encoder_L\\d+_q$``), or
+    with the suffix the model map adds when two matrices of one block share a role (``L03_q_c_attn``)."""
+    keys = [la.key for la in snapshot if la.role == role and la.depth is not None and la.stack == stack]
+    start = f"{re.escape(stack)}_" if stack else ""
+    if all(re.fullmatch(rf"{start}L\d+_{role}", key) for key in keys):
+        return rf"{start}L\d+_{role}$"
+    return rf"{start}L\d+_{role}(_\w+)?$"
 
 
 def _name_after(key: str, section: str) -> str:

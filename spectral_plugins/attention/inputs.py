@@ -32,7 +32,8 @@ class AttentionSite:
     """One attention of the model.
 
     Attributes:
-        key: layer id in metric keys (``L03_attn``: the q matrix's key with role ``attn``).
+        key: layer id in metric keys (``L03_attn``: the q matrix's key with role ``attn``;
+            ``decoder_L03_cross_attn`` for a cross-attention in a model of several stacks).
         q, k: the query and key matrices (k has the key/value head count under GQA).
         module_name: the attention module (the parent of separate projections, or the fused one).
         logit_scale: c in ``S = c q . k``, times ``s^2`` for a RoPE ``attention_scaling`` s.
@@ -83,8 +84,12 @@ def attention_sites(model: nn.Module, model_map: ModelMap, logit_scale: float | 
     rotary = [m for m in model.modules() if "rotary" in type(m).__name__.lower()]
     rope_scaling = float(getattr(rotary[0], "attention_scaling", 1.0) or 1.0) if rotary else 1.0
     sites = []
-    for q in model_map.by_role("q"):
-        partners = [k for k in model_map.by_role("k") if k.depth == q.depth and (
+    order = {ref.name: i for i, ref in enumerate(model_map)}
+    queries = sorted([(q, "k") for q in model_map.by_role("q")]
+                     + [(q, "cross_k") for q in model_map.by_role("cross_q")],
+                     key=lambda pair: order[pair[0].name])
+    for q, key_role in queries:  # self-attention, then cross-attention (q of this stack, k of the other)
+        partners = [k for k in model_map.by_role(key_role) if k.depth == q.depth and k.stack == q.stack and (
             k.module_name == q.module_name or _parent(k.module_name) == _parent(q.module_name))]
         k = partners[0] if partners else None
         if k is None or not q.num_heads or not k.num_heads or not q.head_dim:

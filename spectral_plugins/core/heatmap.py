@@ -18,14 +18,22 @@ BLOCK_ROLES: tuple[str, ...] = tuple(r for r in ROLES if r not in ("embed", "pos
 
 @dataclass(frozen=True)
 class Heatmap:
-    """``values[d, r]`` is ``metric`` of the matrix at depth ``depths[d]`` with role ``roles[r]``
-    (NaN where the model has no such matrix; the mean where several share a cell)."""
+    """``values[d, r]`` is ``metric`` of the matrix at depth ``depths[d]`` (of stack ``stacks[d]`` in a
+    model of several stacks: one row per stack and depth) with role ``roles[r]`` (NaN where the model
+    has no such matrix; the mean where several share a cell, e.g. the experts of a mixture)."""
 
     metric: str
     step: int | None
     depths: tuple[int, ...]
     roles: tuple[str, ...]
     values: np.ndarray
+    stacks: tuple[str | None, ...] = ()
+
+    @property
+    def row_labels(self) -> tuple[str, ...]:
+        """``"3"`` per row, or ``"encoder 3"`` in a model of several stacks."""
+        stacks = self.stacks or (None,) * len(self.depths)
+        return tuple(f"{s} {d}" if s else str(d) for s, d in zip(stacks, self.depths))
 
     def to_rgb(self, cell: int = 24) -> np.ndarray:
         """An (H, W, 3) uint8 image, depth down, role across; matplotlib-rendered with axis labels
@@ -50,22 +58,26 @@ def heatmaps(snapshot: Snapshot, metrics: tuple[str, ...] | list[str]) -> list[H
     block_layers = [(layer.depth, layer) for layer in snapshot.layers if layer.depth is not None]
     if not block_layers:
         return []
-    depths = tuple(sorted({depth for depth, _ in block_layers}))
+    stack_order = list(dict.fromkeys(layer.stack for _, layer in block_layers))
+    rows = sorted({(layer.stack, depth) for depth, layer in block_layers},
+                  key=lambda sd: (stack_order.index(sd[0]), sd[1]))
     roles = tuple(r for r in BLOCK_ROLES if any(layer.role == r for _, layer in block_layers))
-    row = {d: i for i, d in enumerate(depths)}
+    row = {sd: i for i, sd in enumerate(rows)}
+    depths = tuple(d for _, d in rows)
+    stacks = tuple(s for s, _ in rows) if len(stack_order) > 1 else ()
     col = {r: j for j, r in enumerate(roles)}
     result = []
     for metric in metrics:
-        total = np.zeros((len(depths), len(roles)))
+        total = np.zeros((len(rows), len(roles)))
         count = np.zeros_like(total)
         for depth, layer in block_layers:
             value = layer.metric(metric)
             if math.isfinite(value):
-                total[row[depth], col[layer.role]] += value
-                count[row[depth], col[layer.role]] += 1
+                total[row[layer.stack, depth], col[layer.role]] += value
+                count[row[layer.stack, depth], col[layer.role]] += 1
         with np.errstate(invalid="ignore"):
             values = np.where(count > 0, total / np.maximum(count, 1), np.nan)
-        result.append(Heatmap(metric, snapshot.step, depths, roles, values))
+        result.append(Heatmap(metric, snapshot.step, depths, roles, values, stacks))
     return result
 
 
@@ -78,7 +90,7 @@ def _render_matplotlib(heatmap: Heatmap) -> np.ndarray:
     axes = figure.add_subplot()
     image = axes.imshow(np.ma.masked_invalid(heatmap.values), aspect="auto", cmap="viridis")
     axes.set_xticks(range(len(heatmap.roles)), heatmap.roles, rotation=45, ha="right", fontsize=8)
-    axes.set_yticks(range(len(heatmap.depths)), [str(d) for d in heatmap.depths], fontsize=8)
+    axes.set_yticks(range(len(heatmap.depths)), heatmap.row_labels, fontsize=8)
     axes.set_ylabel("depth")
     step = "" if heatmap.step is None else f" @ step {heatmap.step}"
     axes.set_title(f"{heatmap.metric}{step}", fontsize=9)

@@ -3,7 +3,8 @@
 Every tracker shows the same names:
 
 - per matrix: ``spectral_<metric>/<layer_key>``, where ``layer_key`` is ``L03_q``, ``L03_mlp_in``,
-  ``embed``, ``lm_head``... (depth zero-padded so that sorting by name sorts by depth);
+  ``embed``, ``lm_head``... (depth zero-padded so that sorting by name sorts by depth); a model of
+  several stacks prefixes the stack: ``encoder_L03_q``, ``decoder_L01_cross_k``, ``vision_pos_embed``;
 - lifecycle summaries: ``spectral_lifecycle/<name>``;
 - attention bounds: ``spectral_attention/<name>/<layer_key>``.
 
@@ -28,11 +29,11 @@ def sanitize(text: str) -> str:
     return _UNSAFE.sub("_", text).strip("_")
 
 
-def layer_key(depth: int | None, role: str, depth_digits: int = 2) -> str:
-    """The short id of a matrix: ``L03_q`` for a block matrix, the role alone otherwise."""
-    if depth is None:
-        return role
-    return f"L{depth:0{depth_digits}d}_{role}"
+def layer_key(depth: int | None, role: str, depth_digits: int = 2, stack: str | None = None) -> str:
+    """The short id of a matrix: ``L03_q`` for a block matrix, the role alone otherwise; in a model of
+    several stacks, prefixed by the stack's name (``encoder_L03_q``, ``vision_pos_embed``)."""
+    base = role if depth is None else f"L{depth:0{depth_digits}d}_{role}"
+    return base if stack is None else f"{stack}_{base}"
 
 
 def matrix_key(metric: str, key: str) -> str:

@@ -1,4 +1,4 @@
-"""The model map: every weight matrix of a model, with its depth, role and attention heads."""
+"""The model map: every weight matrix of a model, with its stack, depth, role and attention heads."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from torch import nn
 
 from .keys import layer_key, sanitize
 from .roles import ROLES, RoleGuess, guess_role, looks_like_embedding
+from .stacks import Stack, block_layout
 
 _Patterns: TypeAlias = "list[str] | tuple[str, ...] | str | None"  # include / exclude glob pattern(s)
 
@@ -25,15 +26,18 @@ class MatrixRef:
     Attributes:
         name: unique, stable name: the parameter path, with ``[q]``/``[k]``/``[v]`` for a slice
             of a fused projection.
-        key: short layer id used in metric keys (``L03_q``, ``embed``), unique within the map.
+        key: short layer id used in metric keys (``L03_q``, ``embed``; ``encoder_L03_q`` in a model of
+            several stacks), unique within the map.
         module_name: path of the module that owns the parameter.
-        depth: index of the repeated block holding it, or None (embeddings, head).
+        depth: index of the repeated block holding it within its stack, or None (embeddings, head).
         role: one of :data:`spectral_plugins.core.roles.ROLES`.
         shape: (out, in) as the model applies the matrix (HF Conv1D stores it transposed).
         num_heads: attention heads in this matrix (key/value heads for k/v under grouped-query
             attention), where known.
         head_dim: width of one head, where known; rows ``h*head_dim:(h+1)*head_dim`` are head h.
         tied_names: other parameter paths sharing this tensor (a tied lm_head).
+        stack: the stack of blocks it belongs to (``encoder``, ``decoder``, ``text``, ``vision``), or
+            None in a single-stack model and for matrices outside every stack (a shared embedding).
     """
 
     name: str
@@ -45,6 +49,7 @@ class MatrixRef:
     num_heads: int | None = None
     head_dim: int | None = None
     tied_names: tuple[str, ...] = ()
+    stack: str | None = None
     # Always given by the map; the None default only lets it follow the defaulted public fields.
     _tensor: torch.Tensor = field(default=None, repr=False)  # type: ignore[assignment]
     _bias: torch.Tensor | None = field(default=None, repr=False)
@@ -94,14 +99,17 @@ class ModelMap:
     Attributes:
         matrices: the :class:`MatrixRef` of each matrix.
         model_type: the Hugging Face ``config.model_type`` or the model's class name.
-        blocks_path: module path of the container of repeated blocks (``transformer.h``), if any.
-        num_blocks: how many blocks it holds.
+        blocks_path: module path of the container of repeated blocks (``transformer.h``), if any
+            (the first stack's in a model of several).
+        num_blocks: how many blocks the model holds (over every stack).
+        stacks: the stacks of blocks in model order (one, named None, in a single-stack model).
     """
 
     matrices: tuple[MatrixRef, ...]
     model_type: str | None = None
     blocks_path: str | None = None
     num_blocks: int = 0
+    stacks: tuple[Stack, ...] = ()
 
     def __iter__(self) -> Iterator[MatrixRef]:
         return iter(self.matrices)
@@ -112,8 +120,13 @@ class ModelMap:
     def by_role(self, role: str) -> tuple[MatrixRef, ...]:
         return tuple(m for m in self.matrices if m.role == role)
 
-    def by_depth(self, depth: int) -> tuple[MatrixRef, ...]:
-        return tuple(m for m in self.matrices if m.depth == depth)
+    def by_depth(self, depth: int, stack: str | None = None) -> tuple[MatrixRef, ...]:
+        """The matrices of block ``depth`` (of ``stack`` only, when given)."""
+        return tuple(m for m in self.matrices if m.depth == depth and (stack is None or m.stack == stack))
+
+    def by_stack(self, stack: str | None) -> tuple[MatrixRef, ...]:
+        """The matrices of one stack (None: those outside every named stack)."""
+        return tuple(m for m in self.matrices if m.stack == stack)
 
     def get(self, key_or_name: str) -> MatrixRef:
         for ref in self.matrices:
@@ -296,27 +309,6 @@ def _first_int(obj: Any, names: tuple[str, ...]) -> int | None:
     return None
 
 
-def _block_depths(sources: list[_Source]) -> tuple[str | None, dict[str, int]]:
-    """The container of repeated blocks (the prefix before the first integer path part that
-    covers most matrices) and each module path's block index inside it, renumbered 0..n-1."""
-    containers: Counter[str] = Counter()
-    located: dict[str, tuple[str, int]] = {}
-    for source in sources:
-        parts = source.module_path.split(".") if source.module_path else []
-        for i, part in enumerate(parts):
-            if part.isdigit():
-                located[source.module_path] = (".".join(parts[:i]), int(part))
-                containers[".".join(parts[:i])] += 1
-                break
-    if not containers:
-        return None, {}
-    blocks_path = containers.most_common(1)[0][0]
-    indices = sorted({index for container, index in located.values() if container == blocks_path})
-    rank = {index: depth for depth, index in enumerate(indices)}
-    depths = {path: rank[index] for path, (container, index) in located.items() if container == blocks_path}
-    return blocks_path, depths
-
-
 def _build_map(sources: list[_Source], model_type: str | None, heads: _Heads, include: _Patterns,
                exclude: _Patterns, roles: Mapping[str, str] | None,
                module_heads: Callable[[str], _Heads]) -> ModelMap:
@@ -326,20 +318,23 @@ def _build_map(sources: list[_Source], model_type: str | None, heads: _Heads, in
             "nn.Embedding, HF Conv1D, attention in-projections and other 2-D parameters). Pass the "
             "model itself, not a wrapper that hides its parameters, and make sure it is built."
         )
-    blocks_path, depths = _block_depths(sources)
+    layout = block_layout([(s.module_path, tuple(s.tensor.shape)) for s in sources])
+    stack_rank = {stack.name: i for i, stack in enumerate(layout.stacks)}
     drafts: list[dict[str, Any]] = []
     for source in sources:
-        depth = depths.get(source.module_path)
+        stack, depth = layout.place(source.module_path)
         guess = guess_role(source.module_path, source.param_name, source.kind, depth)
         found_heads = module_heads(source.module_path)
-        drafts.extend(_split(source, depth, guess, found_heads))
+        drafts.extend(dict(d, stack=stack) for d in _split(source, depth, guess, found_heads))
+    _name_output_head(drafts)
     _apply_role_overrides(drafts, roles)
     _assign_keys(drafts)
-    drafts.sort(key=_canonical_order)
+    drafts.sort(key=lambda d: _canonical_order(d, stack_rank))
     matrices = tuple(MatrixRef(**d) for d in _select(drafts, include, exclude))
     _warn_unclassified(matrices)
-    num_blocks = len({m.depth for m in matrices if m.depth is not None})
-    return ModelMap(matrices, model_type, blocks_path, num_blocks)
+    num_blocks = len({(m.stack, m.depth) for m in matrices if m.depth is not None})
+    blocks_path = layout.stacks[0].blocks_path if layout.stacks else None
+    return ModelMap(matrices, model_type, blocks_path, num_blocks, layout.stacks)
 
 
 def _split(source: _Source, depth: int | None, guess: RoleGuess, heads: _Heads) -> list[dict[str, Any]]:
@@ -349,10 +344,12 @@ def _split(source: _Source, depth: int | None, guess: RoleGuess, heads: _Heads) 
     base = dict(module_name=source.module_path, depth=depth, tied_names=source.aliases,
                 _tensor=source.tensor, _bias=source.bias, _transposed=source.kind == "conv1d")
     role = guess.role  # a tied lm_head keeps the embedding's role; its path is in tied_names
+    prefix = "cross_" if role.startswith("cross_") else ""
     if guess.fused is None:
-        num = heads.num_kv_heads if role in ("k", "v") else heads.num_heads
-        head_dim = heads.head_dim if role in ("q", "k", "v") else None
-        num = num if role in ("q", "k", "v") else None
+        plain = role.removeprefix(prefix)
+        num = heads.num_kv_heads if plain in ("k", "v") else heads.num_heads
+        head_dim = heads.head_dim if plain in ("q", "k", "v") else None
+        num = num if plain in ("q", "k", "v") else None
         return [dict(base, name=source.path, role=role, shape=(rows_total, cols), num_heads=num,
                      head_dim=head_dim)]
     head_dim, num_q, num_kv = heads.head_dim, heads.num_heads, heads.num_kv_heads
@@ -377,18 +374,29 @@ def _split(source: _Source, depth: int | None, guess: RoleGuess, heads: _Heads) 
     drafts = []
     for role_name, rows, num in parts:
         n_rows = (rows.stop - rows.start) if isinstance(rows, slice) else rows.numel()
-        drafts.append(dict(base, name=f"{source.path}[{role_name}]", role=role_name, shape=(n_rows, cols),
-                           num_heads=num, head_dim=head_dim, _rows=rows))
+        drafts.append(dict(base, name=f"{source.path}[{role_name}]", role=prefix + role_name,
+                           shape=(n_rows, cols), num_heads=num, head_dim=head_dim, _rows=rows))
     return drafts
 
 
-def _canonical_order(draft: dict[str, Any]) -> tuple[int, int, int]:
-    """Embeddings first, then blocks by depth and role (q, k, v, o, mlp...), then the rest
-    (a stable sort keeps model order inside each group)."""
+def _canonical_order(draft: dict[str, Any], stack_rank: Mapping[str | None, int]) -> tuple[int, ...]:
+    """Shared embeddings first, then each stack (its own embeddings, its blocks by depth and role
+    q, k, v, o, cross, mlp...), then the rest (a stable sort keeps model order inside each group)."""
     role_rank = ROLES.index(draft["role"])
-    if draft["depth"] is not None:
-        return (1, draft["depth"], role_rank)
-    return (0 if draft["role"] in ("embed", "pos_embed") else 2, 0, role_rank)
+    embedding = draft["role"] in ("embed", "pos_embed")
+    if draft["stack"] is None and draft["depth"] is None:
+        return (0 if embedding else 2, 0, 0, 0, role_rank)
+    within = 1 if draft["depth"] is not None else (0 if embedding else 2)
+    return (1, stack_rank.get(draft["stack"], 0), within, draft["depth"] or 0, role_rank)
+
+
+def _name_output_head(drafts: list[dict[str, Any]]) -> None:
+    """An unnamed linear outside the blocks shaped like the token embedding (vocab x width) is the
+    output head (``nn.Sequential(embedding, encoder, nn.Linear)``): role lm_head, if it is the only one."""
+    shapes = {d["shape"] for d in drafts if d["role"] == "embed"}
+    heads = [d for d in drafts if d["role"] == "other" and d["depth"] is None and d["shape"] in shapes]
+    if len(heads) == 1:
+        heads[0]["role"] = "lm_head"
 
 
 def _apply_role_overrides(drafts: list[dict[str, Any]], roles: Mapping[str, str] | None) -> None:
@@ -410,7 +418,7 @@ def _apply_role_overrides(drafts: list[dict[str, Any]], roles: Mapping[str, str]
 def _assign_keys(drafts: list[dict[str, Any]]) -> None:
     """``L03_q`` style keys; where two matrices would share one, add the module's own name."""
     depth_digits = max(2, len(str(max([d["depth"] for d in drafts if d["depth"] is not None], default=0))))
-    bases = [layer_key(d["depth"], d["role"], depth_digits) for d in drafts]
+    bases = [layer_key(d["depth"], d["role"], depth_digits, d["stack"]) for d in drafts]
     counts = Counter(bases)
     for d, base in zip(drafts, bases):
         d.pop("_overridden", None)
@@ -422,7 +430,7 @@ def _assign_keys(drafts: list[dict[str, Any]]) -> None:
     seen: Counter[str] = Counter(d["key"] for d in drafts)
     for d in drafts:  # still ambiguous (same leaf name twice): fall back to the full path
         if seen[d["key"]] > 1:
-            d["key"] = f"{layer_key(d['depth'], d['role'], depth_digits)}_{sanitize(d['name'])}"
+            d["key"] = f"{layer_key(d['depth'], d['role'], depth_digits, d['stack'])}_{sanitize(d['name'])}"
 
 
 def _patterns(patterns: _Patterns) -> list[str] | None:

@@ -9,14 +9,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 ROLES: tuple[str, ...] = (
-    "q", "k", "v", "o", "mlp_in", "mlp_gate", "mlp_out", "embed", "pos_embed", "lm_head", "other",
+    "q", "k", "v", "o", "cross_q", "cross_k", "cross_v", "cross_o", "mlp_in", "mlp_gate", "mlp_out",
+    "router", "embed", "pos_embed", "lm_head", "other",
 )
+# Cross-attention (a decoder attending to an encoder): q from this stack, k and v from the other.
+CROSS_ROLES: tuple[str, ...] = ("cross_q", "cross_k", "cross_v", "cross_o")
 
 # Path parts that mark an attention or an MLP sub-module.
 _ATTENTION_PARTS = {
     "attn", "attention", "self_attn", "self_attention", "selfattention", "encdecattention",
-    "crossattention", "cross_attn", "mha", "mixer",
+    "crossattention", "cross_attn", "mha", "mixer", "encoder_attn", "multihead_attn", "cross_attention",
 }
+# Path parts that mark a cross-attention (T5, BERT decoder, BART, nn.TransformerDecoderLayer, ...).
+_CROSS_PARTS = {"encdecattention", "crossattention", "cross_attn", "cross_attention", "encoder_attn",
+                "multihead_attn"}
 _MLP_PARTS = {"mlp", "ffn", "feed_forward", "feedforward", "densereludense", "intermediate", "ff"}
 
 _QUERY = {"q_proj", "query", "wq", "q", "q_lin", "to_q", "q_attn"}
@@ -29,7 +35,7 @@ _MLP_OUT = {"down_proj", "fc2", "dense_4h_to_h", "fc_out", "lin2", "linear2", "w
 _EMBED = {"wte", "embed_tokens", "word_embeddings", "embed_in", "tok_embeddings", "token_type_embeddings",
           "tok_emb", "token_embedding", "embedding", "embeddings", "shared"}
 _POS_EMBED = {"wpe", "position_embeddings", "embed_positions", "pos_emb", "pos_embedding",
-              "position_embedding"}
+              "position_embedding", "relative_attention_bias"}
 _LM_HEAD = {"lm_head", "embed_out", "output", "head", "decoder", "unembed"}
 
 # Fused q/k/v projections: stacked [q; k; v] along the output dimension ...
@@ -40,7 +46,8 @@ FUSED_INTERLEAVED = {"query_key_value"}
 
 @dataclass(frozen=True)
 class RoleGuess:
-    """The role a path suggests; ``fused`` is "stacked" / "interleaved" for a fused q/k/v matrix."""
+    """The role a path suggests; ``fused`` is "stacked" / "interleaved" for a fused q/k/v matrix
+    (then ``role`` is "q" or "cross_q" and the split names the other two alike)."""
 
     role: str
     fused: str | None = None
@@ -61,6 +68,13 @@ def guess_role(module_path: str, param_name: str, kind: str, depth: int | None) 
         kind: "embedding", "linear", "conv1d" or "param" (a bare 2-D parameter).
         depth: block index, or None outside the repeated blocks.
     """
+    guess = _guess_role(module_path, param_name, kind, depth)
+    if guess.role in ("q", "k", "v", "o") and any(p.lower() in _CROSS_PARTS for p in module_path.split(".")):
+        return RoleGuess(f"cross_{guess.role}", guess.fused)
+    return guess
+
+
+def _guess_role(module_path: str, param_name: str, kind: str, depth: int | None) -> RoleGuess:
     parts = [p.lower() for p in module_path.split(".") if p]
     leaf = parts[-1] if parts else ""
     if param_name in ("q_proj_weight", "k_proj_weight", "v_proj_weight"):

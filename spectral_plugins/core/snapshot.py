@@ -32,6 +32,7 @@ class LayerSpectrum:
         finite: False when the matrix held NaN/Inf; then every metric is NaN.
         precision_floor: eigenvalues below this (about eps * lambda_max * size) are not trusted.
         n_below_floor: how many eigenvalues fell below the precision floor.
+        stack: the stack of blocks (``encoder``, ``vision``...) in a model of several, else None.
         eigenvalues: the full spectrum (ascending), kept only when the engine is asked to.
     """
 
@@ -55,6 +56,7 @@ class LayerSpectrum:
     finite: bool = True
     precision_floor: float = 0.0
     n_below_floor: int = 0
+    stack: str | None = None
     eigenvalues: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     def metric(self, name: str) -> float:

@@ -8,7 +8,8 @@ snapshot``). Repeated thinning leaves the recent past dense and the distant past
 ``O(max_steps * metrics * matrices)`` however long the run.
 
 The lifecycle signals read depth profiles from it: :meth:`SpectralHistory.profile` averages a metric
-over the matrices of a role group at each depth, giving a ``steps x depths`` array.
+over the matrices of a role group at each depth of one stack, giving a ``steps x depths`` array (a
+model of several stacks, such as an encoder and a decoder, has one profile per stack).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from ..core.options import MIN_HISTORY_STEPS
-from ..core.roles import ROLES
+from ..core.roles import CROSS_ROLES, ROLES
 from ..core.snapshot import Snapshot
 
 STATE_FORMAT = "spectral_plugins.history"  # the saved-state name since 0.1.0, not a module path
@@ -33,7 +34,7 @@ DEFAULT_METRICS: tuple[str, ...] = ("stable_rank", "alpha", "spectral_norm", "ef
 DEFAULT_MAX_STEPS = 512
 MIN_MAX_STEPS = MIN_HISTORY_STEPS  # one rule for the tracker's history= option and this class
 
-BLOCK_ROLES: tuple[str, ...] = ("q", "k", "v", "o", "mlp_in", "mlp_gate", "mlp_out")
+BLOCK_ROLES: tuple[str, ...] = ("q", "k", "v", "o", *CROSS_ROLES, "mlp_in", "mlp_gate", "mlp_out")
 # Role groups of the lifecycle signals; "all" is every matrix inside the repeated blocks.
 ROLE_GROUPS: dict[str, tuple[str, ...]] = {
     "qk": ("q", "k"),
@@ -42,29 +43,48 @@ ROLE_GROUPS: dict[str, tuple[str, ...]] = {
     "all": BLOCK_ROLES,
 }
 
-_LAYER_KEY = re.compile(r"^L(\d+)_(.+)$")
+_LAYER_KEY = re.compile(r"^(?:([A-Za-z0-9_]+?)_)?L(\d+)_(.+)$")
 _ROLES_LONGEST_FIRST = sorted(ROLES, key=len, reverse=True)
 
 
-def parse_layer_key(key: str) -> tuple[int | None, str]:
-    """Depth and role encoded in a layer key: ``L03_q`` -> (3, "q"), ``L03_mlp_in_fc`` -> (3, "mlp_in"),
-    ``embed`` -> (None, "embed"); anything unrecognised -> (depth or None, "other")."""
+def parse_key(key: str) -> tuple[str | None, int | None, str]:
+    """Stack, depth and role encoded in a layer key: ``L03_q`` -> (None, 3, "q"), ``L03_mlp_in_fc`` ->
+    (None, 3, "mlp_in"), ``decoder_L01_cross_k`` -> ("decoder", 1, "cross_k"), ``embed`` ->
+    (None, None, "embed"), ``vision_pos_embed`` -> ("vision", None, "pos_embed"); anything
+    unrecognised -> (stack, depth or None, "other")."""
     match = _LAYER_KEY.match(key)
-    depth, rest = (int(match.group(1)), match.group(2)) if match else (None, key)
+    if match:
+        return match.group(1), int(match.group(2)), _role_prefix(match.group(3)) or "other"
+    if _role_prefix(key) is None and "_" in key:
+        stack, rest = key.split("_", 1)
+        if _role_prefix(rest) is not None:
+            return stack, None, _role_prefix(rest) or "other"
+    return None, None, _role_prefix(key) or "other"
+
+
+def parse_layer_key(key: str) -> tuple[int | None, str]:
+    """Depth and role encoded in a layer key (:func:`parse_key` without the stack)."""
+    _, depth, role = parse_key(key)
+    return depth, role
+
+
+def _role_prefix(text: str) -> str | None:
     for role in _ROLES_LONGEST_FIRST:
-        if rest == role or rest.startswith(role + "_"):
-            return depth, role
-    return depth, "other"
+        if text == role or text.startswith(role + "_"):
+            return role
+    return None
 
 
 @dataclass(frozen=True)
 class MatrixInfo:
-    """Identity of one tracked matrix: layer ``key`` (``L03_q``), full ``name``, ``depth``, ``role``."""
+    """Identity of one tracked matrix: layer ``key`` (``L03_q``), full ``name``, ``depth``, ``role``,
+    and ``stack`` in a model of several stacks of blocks."""
 
     key: str
     name: str
     depth: int | None
     role: str
+    stack: str | None = None
 
 
 @dataclass(frozen=True, eq=False)  # holds arrays: compare the fields you need
@@ -121,7 +141,7 @@ class SpectralHistory:
         values: dict[str, list[float]] = {}
         for layer in snapshot.layers:
             key = layer.key if layer.key not in values else layer.name
-            self._register(MatrixInfo(key, layer.name, layer.depth, layer.role))
+            self._register(MatrixInfo(key, layer.name, layer.depth, layer.role, layer.stack))
             values[key] = [layer.metric(m) for m in self.metrics]
         self.append_values(step, values)
 
@@ -136,8 +156,8 @@ class SpectralHistory:
             self._register(info)
         for key in values:
             if key not in self._index:
-                depth, role = parse_layer_key(key)
-                self._register(MatrixInfo(key, key, depth, role))
+                stack, depth, role = parse_key(key)
+                self._register(MatrixInfo(key, key, depth, role, stack))
         row = np.full((len(self.metrics), len(self._infos)), np.nan)
         for key, metric_values in values.items():
             row[:, self._index[key]] = np.asarray(metric_values, dtype=np.float64)
@@ -193,8 +213,20 @@ class SpectralHistory:
 
     @property
     def num_blocks(self) -> int:
-        """Number of distinct depths among the matrices (the model's block count L)."""
-        return len({i.depth for i in self._infos if i.depth is not None})
+        """Number of distinct blocks among the matrices (the model's block count L, over every stack)."""
+        return len({(i.stack, i.depth) for i in self._infos if i.depth is not None})
+
+    @property
+    def stacks(self) -> tuple[str | None, ...]:
+        """The stacks of the block matrices in order of appearance: ``(None,)`` for a single-stack
+        model (also before any block is seen), ``("encoder", "decoder")`` for several."""
+        found = tuple(dict.fromkeys(i.stack for i in self._infos if i.depth is not None))
+        return found or (None,)
+
+    def stack_blocks(self, stack: str | None = None) -> int:
+        """Number of blocks of one stack (None: the first)."""
+        chosen = self.stacks[0] if stack is None else stack
+        return len({i.depth for i in self._infos if i.depth is not None and i.stack == chosen})
 
     def values(self, metric: str) -> np.ndarray:
         """(T, M) every kept value of ``metric``; column j belongs to ``matrices[j]``."""
@@ -221,17 +253,19 @@ class SpectralHistory:
         return self.steps, self.values(metric)[:, self._index[key]].copy()
 
     def profile(self, metric: str, roles: Sequence[str] | str = "all",
-                normalise: bool = False) -> DepthProfile:
-        """The depth profile of ``metric`` over a role group (a name of :data:`ROLE_GROUPS` or roles).
+                normalise: bool = False, stack: str | None = None) -> DepthProfile:
+        """The depth profile of ``metric`` over a role group (a name of :data:`ROLE_GROUPS` or roles)
+        in one stack (None: the first of :attr:`stacks`, the only one of a single-stack model).
 
         ``normalise=True`` divides each matrix by its reference before averaging over the group.
         """
+        chosen = self.stacks[0] if stack is None else stack
         wanted = set(ROLE_GROUPS[roles] if isinstance(roles, str) and roles in ROLE_GROUPS else
                      ((roles,) if isinstance(roles, str) else roles))
         data = self.normalised(metric) if normalise else self.values(metric)
         columns: dict[int, list[int]] = {}
         for j, info in enumerate(self._infos):
-            if info.depth is not None and info.role in wanted:
+            if info.depth is not None and info.role in wanted and info.stack == chosen:
                 columns.setdefault(info.depth, []).append(j)
         depths = np.asarray(sorted(columns), dtype=np.int64)
         out = np.full((len(self._steps), len(depths)), np.nan)
@@ -267,7 +301,7 @@ class SpectralHistory:
             "metrics": list(self.metrics),
             "max_steps": self.max_steps,
             "appended": self._appended,
-            "matrices": [{"key": i.key, "name": i.name, "depth": i.depth, "role": i.role}
+            "matrices": [{"key": i.key, "name": i.name, "depth": i.depth, "role": i.role, "stack": i.stack}
                          for i in self._infos],
             "reference": [_to_list(r) for r in self._reference],
             "steps": list(self._steps),
@@ -284,7 +318,9 @@ class SpectralHistory:
         history = cls(metrics=state["metrics"], max_steps=int(state["max_steps"]))
         for m in state["matrices"]:
             depth = None if m["depth"] is None else int(m["depth"])
-            history._register(MatrixInfo(str(m["key"]), str(m["name"]), depth, str(m["role"])))
+            stack = m.get("stack")
+            history._register(MatrixInfo(str(m["key"]), str(m["name"]), depth, str(m["role"]),
+                                         None if stack is None else str(stack)))
         history._reference = np.array([_from_list(r) for r in state["reference"]], dtype=np.float64)
         history._reference = history._reference.reshape(len(history.metrics), len(history._infos))
         history._steps = [int(s) for s in state["steps"]]

@@ -108,11 +108,15 @@ def importance_from_snapshot(snapshot: Snapshot, method: str = "alpha",
 
 
 def importance_from_history(history: SpectralHistory, method: str = "alpha_drop", tail_fraction: float = 0.1,
-                            use_roles: Sequence[str] = BLOCK_ROLES) -> BlockImportance:
-    """Importance from a history's settled alphas (mean over the last ``tail_fraction`` of snapshots)."""
+                            use_roles: Sequence[str] = BLOCK_ROLES,
+                            stack: str | None = None) -> BlockImportance:
+    """Importance from a history's settled alphas (mean over the last ``tail_fraction`` of snapshots),
+    over the blocks of one stack (None: the first or only one)."""
     infos = history.matrices
+    chosen = history.stacks[0] if stack is None else stack
     alphas = settled_profile(history.values("alpha"), tail_fraction)
-    return block_importance([i.depth for i in infos], [i.role for i in infos], alphas,
+    depths = [i.depth if i.stack == chosen else None for i in infos]
+    return block_importance(depths, [i.role for i in infos], alphas,
                             reference=history.reference("alpha"), method=method, use_roles=use_roles)
 
 

@@ -3,10 +3,13 @@
 :class:`SpectralLifecycle` is the stateful front: ``update(snapshot)`` appends to a bounded
 :class:`~spectral_plugins.lifecycle.history.SpectralHistory` and returns a :class:`LifecycleState` of this
 step's signals; ``summary()`` returns the run-level :class:`LifecycleSummary`. Both give canonical
-scalars ``{spectral_lifecycle/<name>[/<group>]: value}`` for publishers. The science lives in pure
-functions: :mod:`~spectral_plugins.lifecycle.wave`, :mod:`~spectral_plugins.lifecycle.depth_profile`,
-:mod:`~spectral_plugins.lifecycle.asymmetry`, :mod:`~spectral_plugins.lifecycle.timescales`,
-:mod:`~spectral_plugins.lifecycle.importance`; every definition is in ``docs/lifecycle.md``.
+scalars ``{spectral_lifecycle/<name>[/<group>]: value}`` for publishers. A model of several stacks of
+blocks (encoder and decoder, text and vision towers) gets every signal per stack: one wave front,
+one alpha depth profile and one Q/K vs V/O index per stack, keyed ``<name>/<stack>_<group>``. The science
+lives in pure functions: :mod:`~spectral_plugins.lifecycle.wave`,
+:mod:`~spectral_plugins.lifecycle.depth_profile`, :mod:`~spectral_plugins.lifecycle.asymmetry`,
+:mod:`~spectral_plugins.lifecycle.timescales`, :mod:`~spectral_plugins.lifecycle.importance`; every
+definition is in ``docs/lifecycle.md``.
 """
 
 from __future__ import annotations
@@ -77,6 +80,7 @@ class WaveTrajectory:
         reversal: the first confirmed reversal.
         arrivals: (D,) step of each block's peak compression rate before the reversal.
         wave_speed: blocks per 1k steps from the arrivals; wave_r2: R^2 of that line.
+        stack: the stack of blocks (None: a single-stack model).
     """
 
     group: str
@@ -90,13 +94,15 @@ class WaveTrajectory:
     arrivals: np.ndarray
     wave_speed: float
     wave_r2: float
+    stack: str | None = None
 
 
 def wave_trajectory(history: SpectralHistory, group: str, config: LifecycleConfig = LifecycleConfig(),
-                    full_speed: bool = True) -> WaveTrajectory:
-    """The group's wave signals over every kept step (``full_speed=False``: trailing speed only at
-    the last step, which is all :func:`lifecycle_state` needs)."""
-    profile = history.profile("stable_rank", group, normalise=True)
+                    full_speed: bool = True, stack: str | None = None) -> WaveTrajectory:
+    """The group's wave signals over every kept step in one stack (None: the first or only one;
+    ``full_speed=False``: trailing speed only at the last step, which is all :func:`lifecycle_state`
+    needs)."""
+    profile = history.profile("stable_rank", group, normalise=True, stack=stack)
     steps, depths, nsr = profile.steps, profile.depths, profile.values
     front = wave.wave_front(steps, depths, nsr, config.lag, config.rate_floor)
     if full_speed:
@@ -112,19 +118,21 @@ def wave_trajectory(history: SpectralHistory, group: str, config: LifecycleConfi
     arrivals = wave.arrival_steps(steps, nsr, config.lag, until)
     wave_speed, wave_r2 = wave.arrival_speed(depths, arrivals)
     return WaveTrajectory(group, steps, depths, nsr, front, speed, order, reversal, arrivals, wave_speed,
-                          wave_r2)
+                          wave_r2, stack)
 
 
-def alpha_profiles(history: SpectralHistory, group: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(steps, depths, alpha (T, D)) of a role group."""
-    profile = history.profile("alpha", group)
+def alpha_profiles(history: SpectralHistory, group: str, stack: str | None = None
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(steps, depths, alpha (T, D)) of a role group in one stack (None: the first or only one)."""
+    profile = history.profile("alpha", group, stack=stack)
     return profile.steps, profile.depths, profile.values
 
 
-def asymmetry_series(history: SpectralHistory) -> tuple[np.ndarray, np.ndarray, float]:
-    """(steps, A(t), run-level index) of the Q/K vs V/O asymmetry."""
-    var_qk = depth_variance(history.profile("stable_rank", "qk", normalise=True).values)
-    var_vo = depth_variance(history.profile("stable_rank", "vo", normalise=True).values)
+def asymmetry_series(history: SpectralHistory, stack: str | None = None
+                     ) -> tuple[np.ndarray, np.ndarray, float]:
+    """(steps, A(t), run-level index) of the Q/K vs V/O asymmetry in one stack (None: the first)."""
+    var_qk = depth_variance(history.profile("stable_rank", "qk", normalise=True, stack=stack).values)
+    var_vo = depth_variance(history.profile("stable_rank", "vo", normalise=True, stack=stack).values)
     return history.steps, asymmetry_index(var_qk, var_vo), trajectory_asymmetry(var_qk, var_vo)
 
 
@@ -137,6 +145,7 @@ class GroupState:
         (blocks per 1k steps). nsr_mean: mean normalised stable rank over the group. nsr_order:
         compression order. reversed / reversal_step: confirmed reversal so far and its step.
         delta_alpha: spread of the alpha depth profile. alpha_depth_gradient: its slope per full depth.
+        stack: the stack of blocks (None: a single-stack model).
     """
 
     group: str
@@ -148,51 +157,62 @@ class GroupState:
     reversal_step: float
     delta_alpha: float
     alpha_depth_gradient: float
+    stack: str | None = None
+
+    @property
+    def label(self) -> str:
+        """The group's name in keys: ``qk``, or ``encoder_qk`` in a model of several stacks."""
+        return _label(self.stack, self.group)
 
 
 @dataclass(frozen=True)
 class LifecycleState:
-    """The lifecycle signals at one step; ``qk_vo_asymmetry`` is the index A(t)."""
+    """The lifecycle signals at one step; ``qk_vo_asymmetry`` is the index A(t) (of the first stack;
+    ``stack_asymmetry`` holds ``(stack, A(t))`` per stack in a model of several)."""
 
     step: int
     groups: tuple[GroupState, ...]
     qk_vo_asymmetry: float
+    stack_asymmetry: tuple[tuple[str, float], ...] = ()
 
-    def group(self, name: str) -> GroupState:
-        return next(g for g in self.groups if g.group == name)
+    def group(self, name: str, stack: str | None = None) -> GroupState:
+        """The signals of role group ``name`` (in ``stack``; None: the first stack)."""
+        return next(g for g in self.groups if g.group == name and (stack is None or g.stack == stack))
 
     def scalars(self) -> dict[str, float]:
         """``{spectral_lifecycle/<name>[/<group>]: value}``, finite values only."""
-        out = {lifecycle_key("qk_vo_asymmetry"): self.qk_vo_asymmetry}
+        out = _asymmetry_scalars("qk_vo_asymmetry", self.qk_vo_asymmetry, self.stack_asymmetry)
         for g in self.groups:
             out.update({
-                lifecycle_key("wave_front_depth", g.group): g.front_depth,
-                lifecycle_key("wave_front_speed", g.group): g.front_speed,
-                lifecycle_key("nsr_mean", g.group): g.nsr_mean,
-                lifecycle_key("nsr_depth_order", g.group): g.nsr_order,
-                lifecycle_key("wave_reversed", g.group): float(g.reversed),
-                lifecycle_key("wave_reversal_step", g.group): g.reversal_step,
-                lifecycle_key("delta_alpha", g.group): g.delta_alpha,
-                lifecycle_key("alpha_depth_gradient", g.group): g.alpha_depth_gradient,
+                lifecycle_key("wave_front_depth", g.label): g.front_depth,
+                lifecycle_key("wave_front_speed", g.label): g.front_speed,
+                lifecycle_key("nsr_mean", g.label): g.nsr_mean,
+                lifecycle_key("nsr_depth_order", g.label): g.nsr_order,
+                lifecycle_key("wave_reversed", g.label): float(g.reversed),
+                lifecycle_key("wave_reversal_step", g.label): g.reversal_step,
+                lifecycle_key("delta_alpha", g.label): g.delta_alpha,
+                lifecycle_key("alpha_depth_gradient", g.label): g.alpha_depth_gradient,
             })
         return _finite(out)
 
 
 def lifecycle_state(history: SpectralHistory, config: LifecycleConfig = LifecycleConfig()) -> LifecycleState:
-    """The signals at the history's last step."""
+    """The signals at the history's last step (per stack in a model of several)."""
     if len(history) == 0:
         raise ValueError("the history is empty")
     groups = []
-    for name in config.groups:
-        w = wave_trajectory(history, name, config, full_speed=False)
-        _, depths, alpha = alpha_profiles(history, name)
-        last_nsr = w.nsr[-1] if w.nsr.size else np.array([])
-        groups.append(GroupState(
-            name, _last(w.front), _last(w.speed), _nanmean(last_nsr), _last(w.order), w.reversal.reversed,
-            w.reversal.step, _last(delta_alpha(alpha[-1:])) if alpha.size else math.nan,
-            _last(alpha_depth_gradient(depths, alpha[-1:])) if alpha.size else math.nan))
-    _, index, _ = asymmetry_series(history)
-    return LifecycleState(int(history.steps[-1]), tuple(groups), _last(index))
+    for stack in history.stacks:
+        for name in config.groups:
+            w = wave_trajectory(history, name, config, full_speed=False, stack=stack)
+            _, depths, alpha = alpha_profiles(history, name, stack)
+            last_nsr = w.nsr[-1] if w.nsr.size else np.array([])
+            groups.append(GroupState(
+                name, _last(w.front), _last(w.speed), _nanmean(last_nsr), _last(w.order), w.reversal.reversed,
+                w.reversal.step, _last(delta_alpha(alpha[-1:])) if alpha.size else math.nan,
+                _last(alpha_depth_gradient(depths, alpha[-1:])) if alpha.size else math.nan, stack))
+    per_stack = tuple((stack, _last(asymmetry_series(history, stack)[1])) for stack in history.stacks)
+    return LifecycleState(int(history.steps[-1]), tuple(groups), per_stack[0][1],
+                          _named_stacks(per_stack))
 
 
 @dataclass(frozen=True, eq=False)  # holds arrays: compare the fields you need
@@ -213,6 +233,7 @@ class GroupSummary:
         inverted_u: its quadratic fit.
         tau_fast: median over the group's matrices of the fast timescale of alpha's fit (steps).
         tau_slow: the same for the slow timescale (steps).
+        stack: the stack of blocks (None: a single-stack model).
     """
 
     group: str
@@ -228,6 +249,12 @@ class GroupSummary:
     inverted_u: InvertedU = field(default_factory=InvertedU.undefined)
     tau_fast: float = math.nan
     tau_slow: float = math.nan
+    stack: str | None = None
+
+    @property
+    def label(self) -> str:
+        """The group's name in keys: ``qk``, or ``encoder_qk`` in a model of several stacks."""
+        return _label(self.stack, self.group)
 
 
 @dataclass(frozen=True)
@@ -238,11 +265,17 @@ class LayerTimescales:
     depth: int | None
     role: str
     fit: TwoTimescaleFit
+    stack: str | None = None
 
 
 @dataclass(frozen=True)
 class LifecycleSummary:
-    """The run-level lifecycle figures (definitions in ``docs/lifecycle.md``)."""
+    """The run-level lifecycle figures (definitions in ``docs/lifecycle.md``).
+
+    In a model of several stacks, ``groups`` holds every role group of every stack, ``importance``,
+    ``advice`` and ``qk_vo_asymmetry`` are the first stack's and ``stacks`` holds each stack's
+    ``(name, asymmetry, importance, advice)``.
+    """
 
     step: int
     num_blocks: int
@@ -251,35 +284,41 @@ class LifecycleSummary:
     timescales: tuple[LayerTimescales, ...]
     importance: BlockImportance
     advice: PruningAdvice
+    stacks: tuple[tuple[str, float, BlockImportance, PruningAdvice], ...] = ()
 
-    def group(self, name: str) -> GroupSummary:
-        return next(g for g in self.groups if g.group == name)
+    def group(self, name: str, stack: str | None = None) -> GroupSummary:
+        """The figures of role group ``name`` (in ``stack``; None: the first stack)."""
+        return next(g for g in self.groups if g.group == name and (stack is None or g.stack == stack))
 
     def scalars(self) -> dict[str, float]:
         """``{spectral_lifecycle/<name>[/<group or layer key>]: value}``, finite values only."""
-        out = {lifecycle_key("qk_vo_asymmetry_run"): self.qk_vo_asymmetry,
-               lifecycle_key("num_blocks"): float(self.num_blocks)}
+        out = _asymmetry_scalars("qk_vo_asymmetry_run", self.qk_vo_asymmetry,
+                                 tuple((s[0], s[1]) for s in self.stacks))
+        out[lifecycle_key("num_blocks")] = float(self.num_blocks)
         for g in self.groups:
             u = g.inverted_u
             out.update({
-                lifecycle_key("wave_speed", g.group): g.wave_speed,
-                lifecycle_key("wave_r2", g.group): g.wave_r2,
-                lifecycle_key("wave_reversed", g.group): float(g.reversed),
-                lifecycle_key("wave_reversal_step", g.group): g.reversal_step,
-                lifecycle_key("delta_alpha", g.group): g.delta_alpha,
-                lifecycle_key("alpha_depth_gradient", g.group): g.alpha_depth_gradient,
-                lifecycle_key("alpha_inverted_u", g.group): float(u.is_inverted_u),
-                lifecycle_key("alpha_peak_depth", g.group): u.peak_depth,
-                lifecycle_key("alpha_peak_relative_depth", g.group): u.peak_relative_depth,
-                lifecycle_key("alpha_peak_confidence", g.group): u.confidence,
-                lifecycle_key("alpha_tau_fast", g.group): g.tau_fast,
-                lifecycle_key("alpha_tau_slow", g.group): g.tau_slow,
+                lifecycle_key("wave_speed", g.label): g.wave_speed,
+                lifecycle_key("wave_r2", g.label): g.wave_r2,
+                lifecycle_key("wave_reversed", g.label): float(g.reversed),
+                lifecycle_key("wave_reversal_step", g.label): g.reversal_step,
+                lifecycle_key("delta_alpha", g.label): g.delta_alpha,
+                lifecycle_key("alpha_depth_gradient", g.label): g.alpha_depth_gradient,
+                lifecycle_key("alpha_inverted_u", g.label): float(u.is_inverted_u),
+                lifecycle_key("alpha_peak_depth", g.label): u.peak_depth,
+                lifecycle_key("alpha_peak_relative_depth", g.label): u.peak_relative_depth,
+                lifecycle_key("alpha_peak_confidence", g.label): u.confidence,
+                lifecycle_key("alpha_tau_fast", g.label): g.tau_fast,
+                lifecycle_key("alpha_tau_slow", g.label): g.tau_slow,
             })
         for layer in self.timescales:
             out[lifecycle_key("alpha_tau_fast", layer.key)] = layer.fit.tau_fast
             out[lifecycle_key("alpha_tau_slow", layer.key)] = layer.fit.tau_slow
-        for rank, depth in enumerate(self.advice.order):
-            out[lifecycle_key("prune_rank", f"L{depth:02d}")] = float(rank)
+        per_stack: list[tuple[str | None, PruningAdvice]] = [(s[0], s[3]) for s in self.stacks]
+        per_stack = per_stack or [(None, self.advice)]
+        for stack, advice in per_stack:
+            for rank, depth in enumerate(advice.order):
+                out[lifecycle_key("prune_rank", _label(stack, f"L{depth:02d}"))] = float(rank)
         return _finite(out)
 
     def to_dict(self) -> dict[str, Any]:
@@ -293,29 +332,39 @@ def summarize(history: SpectralHistory, config: LifecycleConfig = LifecycleConfi
         raise ValueError("the history is empty")
     timescales = _layer_timescales(history) if config.fit_timescales else ()
     groups = []
-    for name in config.groups:
-        w = wave_trajectory(history, name, config, full_speed=False)
-        _, depths, alpha = alpha_profiles(history, name)
-        settled = settled_profile(alpha, config.tail_fraction) if alpha.size else np.array([])
-        roles = set(ROLE_GROUPS[name])
-        fits = [t.fit for t in timescales if t.role in roles and t.fit.ok]
-        groups.append(GroupSummary(
-            name, int(depths.size), w.wave_speed, w.wave_r2, w.reversal.reversed, w.reversal.step,
-            _last(w.order), _last(delta_alpha(settled[None, :])) if settled.size else math.nan,
-            _last(alpha_depth_gradient(depths, settled[None, :])) if settled.size else math.nan,
-            settled, fit_inverted_u(depths, settled, config.inverted_u_level),
-            _median([f.tau_fast for f in fits]), _median([f.tau_slow for f in fits])))
-    _, _, run_asymmetry = asymmetry_series(history)
-    importance = importance_from_history(history, config.importance_method, config.tail_fraction)
-    advice = advise_pruning(importance, n_remove=0)
+    per_stack = []
+    for stack in history.stacks:
+        for name in config.groups:
+            groups.append(_group_summary(history, name, stack, timescales, config))
+        importance = importance_from_history(history, config.importance_method, config.tail_fraction,
+                                             stack=stack)
+        per_stack.append((stack, asymmetry_series(history, stack)[2], importance,
+                          advise_pruning(importance, n_remove=0)))
+    _, run_asymmetry, importance, advice = per_stack[0]
     return LifecycleSummary(int(history.steps[-1]), history.num_blocks, tuple(groups), run_asymmetry,
-                            timescales, importance, advice)
+                            timescales, importance, advice, _named_stacks(per_stack))
+
+
+def _group_summary(history: SpectralHistory, name: str, stack: str | None,
+                   timescales: tuple[LayerTimescales, ...], config: LifecycleConfig) -> GroupSummary:
+    w = wave_trajectory(history, name, config, full_speed=False, stack=stack)
+    _, depths, alpha = alpha_profiles(history, name, stack)
+    settled = settled_profile(alpha, config.tail_fraction) if alpha.size else np.array([])
+    roles = set(ROLE_GROUPS[name])
+    fits = [t.fit for t in timescales if t.role in roles and t.stack == stack and t.fit.ok]
+    return GroupSummary(
+        name, int(depths.size), w.wave_speed, w.wave_r2, w.reversal.reversed, w.reversal.step,
+        _last(w.order), _last(delta_alpha(settled[None, :])) if settled.size else math.nan,
+        _last(alpha_depth_gradient(depths, settled[None, :])) if settled.size else math.nan,
+        settled, fit_inverted_u(depths, settled, config.inverted_u_level),
+        _median([f.tau_fast for f in fits]), _median([f.tau_slow for f in fits]), stack)
 
 
 def _layer_timescales(history: SpectralHistory) -> tuple[LayerTimescales, ...]:
     steps, alphas = history.steps, history.values("alpha")
     block_roles = set(ROLE_GROUPS["all"])
-    return tuple(LayerTimescales(info.key, info.depth, info.role, fit_two_timescales(steps, alphas[:, j]))
+    return tuple(LayerTimescales(info.key, info.depth, info.role, fit_two_timescales(steps, alphas[:, j]),
+                                 info.stack)
                  for j, info in enumerate(history.matrices)
                  if info.depth is not None and info.role in block_roles)
 
@@ -362,6 +411,22 @@ class SpectralLifecycle:
         config["groups"] = tuple(config["groups"])
         self.config = LifecycleConfig(**config)
         self.history = SpectralHistory.from_state(state["history"])
+
+
+def _label(stack: str | None, name: str) -> str:
+    return name if stack is None else f"{stack}_{name}"
+
+
+def _named_stacks(per_stack: Sequence[tuple]) -> tuple:
+    """The per-stack entries of a model of several stacks; () for a single-stack model."""
+    return tuple(per_stack) if len(per_stack) > 1 else ()
+
+
+def _asymmetry_scalars(name: str, value: float, per_stack: tuple[tuple[str, float], ...]) -> dict[str, float]:
+    """One index, or in a model of several stacks one per stack (``<name>/<stack>``)."""
+    if not per_stack:
+        return {lifecycle_key(name): value}
+    return {lifecycle_key(name, stack): index for stack, index in per_stack}
 
 
 def _finite(values: Mapping[str, float]) -> dict[str, float]:

@@ -198,7 +198,7 @@ def _per_step_names() -> set[str]:
     """Names of the per-step lifecycle scalars (``spectral_lifecycle/<name>/...``), read off a probe state."""
     from ..lifecycle.signals import GroupState, LifecycleState
 
-    values = [1.0] * (len(fields(GroupState)) - 1)
+    values = [1.0] * sum(f.name not in ("group", "stack") for f in fields(GroupState))
     # Only the key names are read, so 1.0 stands in for every field (whatever its declared type).
     probe = LifecycleState(0, (GroupState("all", *values),), 1.0)  # type: ignore[arg-type]
     return {key.split("/")[1] for key in probe.scalars()}
@@ -227,7 +227,7 @@ def lifecycle_text(result: Any) -> str:
              f"Q/K vs V/O asymmetry {fmt(result.qk_vo_asymmetry)}"]
     for g in result.groups:
         reversal = f"reversed at step {fmt(g.reversal_step)}" if g.reversed else "no reversal yet"
-        lines.append(f"  {g.group:>4}: compression wave {reversal}, speed {fmt(g.wave_speed)} "
+        lines.append(f"  {g.label:>4}: compression wave {reversal}, speed {fmt(g.wave_speed)} "
                      f"blocks/1k steps; delta alpha {fmt(g.delta_alpha)}, "
                      f"alpha depth gradient {fmt(g.alpha_depth_gradient)}")
     order = ", ".join(str(d) for d in result.advice.order)
