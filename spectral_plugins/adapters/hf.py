@@ -90,6 +90,8 @@ class SpectralCallback(TrainerCallback, ExportableState):
             most one in flight, a due step reached meanwhile is skipped and counted (see
             :class:`~spectral_plugins.runtime.tracker.SpectralTracker`). Checkpoints and the train-end summary
             wait for the snapshot in flight.
+        per_expert: in a mixture of experts, publish every expert's matrices under their own keys too
+            (by default each layer's mean, min and max over the experts).
 
     Raises:
         ValueError: at construction, any option that is invalid on its own (``every_n_steps`` or
@@ -115,6 +117,7 @@ class SpectralCallback(TrainerCallback, ExportableState):
         device: str | None = None,
         threads: int | None = 1,
         background: bool = False,
+        per_expert: bool = False,
     ) -> None:
         check_options(every_n_steps=every_n_steps, metrics=metrics, heatmap=heatmap, include=include,
                       exclude=exclude, roles=roles, method=method, history=history, attention=attention,
@@ -124,7 +127,7 @@ class SpectralCallback(TrainerCallback, ExportableState):
         self.options: dict[str, Any] = dict(
             every_n_steps=every_n_steps, metrics=metrics, include=include, exclude=exclude, roles=roles,
             method=method, heatmap=heatmap, history=history, attention=attention, device=device,
-            threads=threads, background=background)
+            threads=threads, background=background, per_expert=per_expert)
         self.every_n_steps = every_n_steps
         self.publishers = tuple(publishers)
         self.report_to = report_to

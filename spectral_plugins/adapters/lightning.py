@@ -157,6 +157,8 @@ class SpectralMonitor(*_callback_bases()):  # type: ignore[misc]
             default: whenever ``trainer.world_size > 1`` with torch.distributed initialised); False:
             rank zero computes everything alone. DDP and FSDP2 (``ModelParallelStrategy``) weights;
             ``FSDPStrategy`` (FSDP1's flat parameters) is not supported.
+        per_expert: in a mixture of experts, publish every expert's matrices under their own keys too
+            (by default each layer's mean, min and max over the experts).
 
     Raises:
         ValueError: at construction, any option that is invalid on its own (``every_n_steps`` or
@@ -181,6 +183,7 @@ class SpectralMonitor(*_callback_bases()):  # type: ignore[misc]
         threads: int | None = 1,
         background: bool = False,
         distributed: bool | None = None,
+        per_expert: bool = False,
     ) -> None:
         super().__init__()
         check_options(every_n_steps=every_n_steps, metrics=metrics, heatmap=publish_heatmaps, include=include,
@@ -190,7 +193,7 @@ class SpectralMonitor(*_callback_bases()):  # type: ignore[misc]
         self.options: dict[str, Any] = dict(
             every_n_steps=every_n_steps, metrics=metrics, include=include, exclude=exclude, roles=roles,
             method=method, heatmap=publish_heatmaps, history=history, attention=attention, threads=threads,
-            background=background)
+            background=background, per_expert=per_expert)
         self.distributed = distributed
         self.every_n_steps = every_n_steps
         self.extra_publishers = tuple(extra_publishers)

@@ -73,7 +73,7 @@ def skipped_tensors(state: Mapping[str, torch.Tensor]) -> SkippedTensors:
     found: dict[str, list[tuple[str, Any]]] = {"not floating point": [], "convolution": [], "vector": [],
                                                 "1-D": []}
     for name, tensor in state.items():
-        reason = skip_reason(tensor)
+        reason = skip_reason(tensor, name)
         if reason is not None:
             detail = str(tensor.dtype).removeprefix("torch.") if reason == "not floating point" \
                 else tuple(tensor.shape)

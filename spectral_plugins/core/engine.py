@@ -174,7 +174,7 @@ class SpectralEngine:
             )
         return LayerSpectrum(
             name=ref.name, key=ref.key, module_name=ref.module_name, depth=ref.depth, role=ref.role,
-            stack=ref.stack,
+            stack=ref.stack, expert=ref.expert,
             shape=ref.shape, alpha=fit.alpha, alpha_weighted=alpha_weighted(fit.alpha, values["lambda_max"]),
             xmin=fit.xmin, ks_distance=fit.ks, n_tail=fit.n_tail, sigma_alpha=fit.sigma, finite=finite,
             precision_floor=floor if finite else nan, n_below_floor=int((eigenvalues < floor).sum()),

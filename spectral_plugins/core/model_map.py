@@ -12,9 +12,22 @@ from typing import Any, TypeAlias
 import torch
 from torch import nn
 
+from .experts import expert_drafts, expert_index, mark_routers
 from .keys import layer_key, sanitize
-from .roles import ROLES, RoleGuess, guess_role, looks_like_embedding
+from .roles import ROLES, RoleGuess, guess_role
+from .sources import (
+    Heads,
+    Namespace,
+    WeightSource,
+    config_heads,
+    module_heads,
+    skip_reason,
+    sources_from_module,
+    sources_from_state_dict,
+)
 from .stacks import Stack, block_layout
+
+__all__ = ["MatrixRef", "ModelMap", "map_model", "map_state_dict", "skip_reason"]
 
 _Patterns: TypeAlias = "list[str] | tuple[str, ...] | str | None"  # include / exclude glob pattern(s)
 
@@ -38,6 +51,8 @@ class MatrixRef:
         tied_names: other parameter paths sharing this tensor (a tied lm_head).
         stack: the stack of blocks it belongs to (``encoder``, ``decoder``, ``text``, ``vision``), or
             None in a single-stack model and for matrices outside every stack (a shared embedding).
+        expert: the expert of a mixture-of-experts layer this matrix belongs to, else None; an
+            expert matrix's key ends in ``_e<index>`` (``L03_mlp_in_e7``).
     """
 
     name: str
@@ -50,17 +65,21 @@ class MatrixRef:
     head_dim: int | None = None
     tied_names: tuple[str, ...] = ()
     stack: str | None = None
+    expert: int | None = None
     # Always given by the map; the None default only lets it follow the defaulted public fields.
     _tensor: torch.Tensor = field(default=None, repr=False)  # type: ignore[assignment]
     _bias: torch.Tensor | None = field(default=None, repr=False)
     _transposed: bool = field(default=False, repr=False)
     _rows: slice | torch.Tensor | None = field(default=None, repr=False)
+    _slot: int | None = field(default=None, repr=False)  # index along a 3-D expert tensor's first axis
 
     def weight(self) -> torch.Tensor:
         """The matrix as (out, in), detached: a view of the parameter, also for a stacked fused
-        slice; a gathered copy only for per-head interleaved layouts (GPT-NeoX), whose rows are
-        not evenly strided."""
-        return self._select(self._tensor.detach().t() if self._transposed else self._tensor.detach())
+        slice and one expert of a 3-D expert tensor; a gathered copy only for per-head interleaved
+        layouts (GPT-NeoX), whose rows are not evenly strided."""
+        tensor = self._tensor.detach()
+        tensor = tensor if self._slot is None else tensor[self._slot]
+        return self._select(tensor.t() if self._transposed else tensor)
 
     def bias(self) -> torch.Tensor | None:
         """The bias entries belonging to this matrix's rows, or None."""
@@ -135,43 +154,6 @@ class ModelMap:
         raise KeyError(f"no matrix {key_or_name!r}; keys: {[m.key for m in self.matrices]}")
 
 
-@dataclass(frozen=True)
-class _Source:
-    """One 2-D parameter as found in the model or state dict, before roles are assigned."""
-
-    module_path: str
-    param_name: str
-    tensor: torch.Tensor
-    kind: str  # "embedding" | "linear" | "conv1d" | "param"
-    bias: torch.Tensor | None = None
-    aliases: tuple[str, ...] = ()
-
-    @property
-    def path(self) -> str:
-        return f"{self.module_path}.{self.param_name}" if self.module_path else self.param_name
-
-
-@dataclass(frozen=True)
-class _Heads:
-    num_heads: int | None = None
-    num_kv_heads: int | None = None
-    head_dim: int | None = None
-
-
-def skip_reason(tensor: torch.Tensor) -> str | None:
-    """Why ``tensor`` is not a weight matrix the engine analyses, or None when it is one: a
-    floating-point 2-D tensor with both sides >= 2. The reasons: "not floating point" (integer,
-    bool or complex: token ids, masks, counters), "convolution" (3-D or more), "vector" (1 x n or n x 1),
-    "1-D" (biases, norm scales, scalars)."""
-    if not tensor.is_floating_point():  # complex tensors too: spectra here are of real matrices
-        return "not floating point"
-    if tensor.ndim > 2:
-        return "convolution"
-    if tensor.ndim < 2:
-        return "1-D"
-    return "vector" if min(tensor.shape) < 2 else None
-
-
 def map_model(
     model: nn.Module,
     include: list[str] | str | None = None,
@@ -198,9 +180,9 @@ def map_model(
         )
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None) or type(model).__name__
-    heads = _config_heads(config)
-    return _build_map(_sources_from_module(model), model_type, heads, include, exclude, roles,
-                      module_heads=lambda path: _module_heads(model, path, heads))
+    heads = config_heads(config)
+    return _build_map(sources_from_module(model), model_type, heads, include, exclude, roles,
+                      module_heads=lambda path: module_heads(model, path, heads))
 
 
 def map_state_dict(
@@ -216,102 +198,14 @@ def map_state_dict(
     # GPT-2 checkpoints without a config.json are still recognisable by their Conv1D names.
     gpt2_names = any(k.endswith("attn.c_attn.weight") for k in state_dict)
     model_type = config.get("model_type") or ("gpt2" if gpt2_names else None)
-    sources: list[_Source] = []
-    seen: dict[tuple[object, ...], int] = {}
-    for path, tensor in state_dict.items():
-        if not isinstance(tensor, torch.Tensor) or skip_reason(tensor) is not None:
-            continue
-        module_path, _, param_name = path.rpartition(".")
-        # Tied weights come back from torch.load as distinct tensors over one storage.
-        identity = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
-                    tensor.stride())
-        if identity in seen:
-            sources[seen[identity]] = _replace_aliases(sources[seen[identity]], path)
-            continue
-        kind = "embedding" if looks_like_embedding(module_path) else "linear"
-        if model_type == "gpt2" and module_path.rsplit(".", 1)[-1] in {"c_attn", "c_fc", "c_proj"}:
-            kind = "conv1d"
-        bias = state_dict.get(f"{module_path}.bias") if param_name == "weight" else None
-        seen[identity] = len(sources)
-        sources.append(_Source(module_path, param_name, tensor, kind, bias))
-    heads = _config_heads(_Namespace(config))
+    sources = sources_from_state_dict(state_dict, model_type)
+    heads = config_heads(Namespace(config))
     return _build_map(sources, model_type, heads, include, exclude, roles, module_heads=lambda path: heads)
 
 
-class _Namespace:
-    def __init__(self, values: Mapping[str, Any]) -> None:
-        self.__dict__.update(values)
-
-
-def _replace_aliases(source: _Source, alias: str) -> _Source:
-    return _Source(source.module_path, source.param_name, source.tensor, source.kind, source.bias,
-                   source.aliases + (alias,))
-
-
-def _sources_from_module(model: nn.Module) -> list[_Source]:
-    aliases: dict[int, list[str]] = {}
-    for path, param in model.named_parameters(remove_duplicate=False):
-        aliases.setdefault(id(param), []).append(path)
-    sources = []
-    for path, param in model.named_parameters():
-        if skip_reason(param) is not None:
-            continue
-        module_path, _, param_name = path.rpartition(".")
-        module = model.get_submodule(module_path) if module_path else model
-        class_name = type(module).__name__
-        if isinstance(module, nn.Embedding):
-            kind = "embedding"
-        elif class_name == "Conv1D" and param_name == "weight":  # HF GPT-2: weight is (in, out)
-            kind = "conv1d"
-        elif isinstance(module, nn.Linear) or param_name == "weight":
-            kind = "linear"
-        else:
-            kind = "param"
-        bias_name = "in_proj_bias" if param_name == "in_proj_weight" else "bias"
-        bias = getattr(module, bias_name, None) if param_name in ("weight", "in_proj_weight") else None
-        bias = bias if isinstance(bias, torch.Tensor) else None
-        others = tuple(a for a in aliases[id(param)] if a != path)
-        sources.append(_Source(module_path, param_name, param, kind, bias, others))
-    return sources
-
-
-def _config_heads(config: Any) -> _Heads:
-    if config is None:
-        return _Heads()
-    num_heads = _first_int(config, ("num_attention_heads", "n_head", "num_heads", "n_heads"))
-    num_kv = _first_int(config, ("num_key_value_heads", "num_kv_heads", "n_kv_heads")) or num_heads
-    hidden = _first_int(config, ("hidden_size", "n_embd", "d_model", "dim"))
-    head_dim = _first_int(config, ("head_dim", "d_kv"))
-    if head_dim is None and num_heads and hidden:
-        head_dim = hidden // num_heads
-    return _Heads(num_heads, num_kv, head_dim)
-
-
-def _module_heads(model: nn.Module, module_path: str, default: _Heads) -> _Heads:
-    """Head counts from the nearest module on the path that declares them (e.g. an
-    ``nn.MultiheadAttention`` or a custom attention with ``num_heads``), else the config's."""
-    parts = module_path.split(".") if module_path else []
-    for end in range(len(parts), -1, -1):
-        module = model.get_submodule(".".join(parts[:end])) if end else model
-        num_heads = _first_int(module, ("num_heads", "n_head", "n_heads", "num_attention_heads"))
-        if num_heads:
-            num_kv = _first_int(module, ("num_key_value_heads", "num_kv_heads", "n_kv_heads")) or num_heads
-            head_dim = _first_int(module, ("head_dim", "head_size"))
-            return _Heads(num_heads, num_kv, head_dim or default.head_dim)
-    return default
-
-
-def _first_int(obj: Any, names: tuple[str, ...]) -> int | None:
-    for name in names:
-        value = getattr(obj, name, None)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value
-    return None
-
-
-def _build_map(sources: list[_Source], model_type: str | None, heads: _Heads, include: _Patterns,
+def _build_map(sources: list[WeightSource], model_type: str | None, heads: Heads, include: _Patterns,
                exclude: _Patterns, roles: Mapping[str, str] | None,
-               module_heads: Callable[[str], _Heads]) -> ModelMap:
+               module_heads: Callable[[str], Heads]) -> ModelMap:
     if not sources:
         raise ValueError(
             "the model has no 2-D weight matrices to analyse (spectral-plugins reads nn.Linear, "
@@ -325,7 +219,17 @@ def _build_map(sources: list[_Source], model_type: str | None, heads: _Heads, in
         stack, depth = layout.place(source.module_path)
         guess = guess_role(source.module_path, source.param_name, source.kind, depth)
         found_heads = module_heads(source.module_path)
-        drafts.extend(dict(d, stack=stack) for d in _split(source, depth, guess, found_heads))
+        if source.kind.startswith("experts"):
+            transposed = {"experts_t": True, "experts_n": False}.get(source.kind)
+            split = [dict(d, module_name=source.module_path, depth=depth, tied_names=source.aliases,
+                          _tensor=source.tensor, _bias=None)
+                     for d in expert_drafts(source.path, source.param_name, tuple(source.tensor.shape),
+                                            found_heads.hidden, transposed)]
+        else:
+            split = [dict(d, expert=expert_index(source.module_path))
+                     for d in _split(source, depth, guess, found_heads)]
+        drafts.extend(dict(d, stack=stack) for d in split)
+    mark_routers(drafts)
     _name_output_head(drafts)
     _apply_role_overrides(drafts, roles)
     _assign_keys(drafts)
@@ -337,7 +241,7 @@ def _build_map(sources: list[_Source], model_type: str | None, heads: _Heads, in
     return ModelMap(matrices, model_type, blocks_path, num_blocks, layout.stacks)
 
 
-def _split(source: _Source, depth: int | None, guess: RoleGuess, heads: _Heads) -> list[dict[str, Any]]:
+def _split(source: WeightSource, depth: int | None, guess: RoleGuess, heads: Heads) -> list[dict[str, Any]]:
     """One draft MatrixRef, or three for a fused q/k/v projection (views where possible)."""
     rows_total, cols = (source.tensor.shape[1], source.tensor.shape[0]) if source.kind == "conv1d" \
         else tuple(source.tensor.shape)
@@ -418,7 +322,9 @@ def _apply_role_overrides(drafts: list[dict[str, Any]], roles: Mapping[str, str]
 def _assign_keys(drafts: list[dict[str, Any]]) -> None:
     """``L03_q`` style keys; where two matrices would share one, add the module's own name."""
     depth_digits = max(2, len(str(max([d["depth"] for d in drafts if d["depth"] is not None], default=0))))
-    bases = [layer_key(d["depth"], d["role"], depth_digits, d["stack"]) for d in drafts]
+    expert_digits = len(str(max([d["expert"] for d in drafts if d["expert"] is not None], default=0)))
+    bases = [layer_key(d["depth"], d["role"], depth_digits, d["stack"])
+             + ("" if d["expert"] is None else f"_e{d['expert']:0{expert_digits}d}") for d in drafts]
     counts = Counter(bases)
     for d, base in zip(drafts, bases):
         d.pop("_overridden", None)

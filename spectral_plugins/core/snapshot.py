@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
@@ -16,6 +17,7 @@ from .metrics import METRIC_NAMES
 # Columns of the per-layer text table, in this order when among the metrics shown.
 TABLE_COLUMNS: tuple[str, ...] = ("alpha", "stable_rank", "effective_rank", "spectral_norm", "alpha_weighted",
                                   "frobenius_norm", "ks_distance", "n_tail")
+_EXPERT_SUFFIX = re.compile(r"_e\d+$")
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,7 @@ class LayerSpectrum:
         precision_floor: eigenvalues below this (about eps * lambda_max * size) are not trusted.
         n_below_floor: how many eigenvalues fell below the precision floor.
         stack: the stack of blocks (``encoder``, ``vision``...) in a model of several, else None.
+        expert: the expert of a mixture-of-experts layer, else None.
         eigenvalues: the full spectrum (ascending), kept only when the engine is asked to.
     """
 
@@ -57,6 +60,7 @@ class LayerSpectrum:
     precision_floor: float = 0.0
     n_below_floor: int = 0
     stack: str | None = None
+    expert: int | None = None
     eigenvalues: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     def metric(self, name: str) -> float:
@@ -114,9 +118,29 @@ class Snapshot:
                 return layer
         raise KeyError(f"no layer {key_or_name!r}; keys: {[layer.key for layer in self.layers]}")
 
-    def scalars(self, metrics: tuple[str, ...] | list[str] = METRIC_NAMES) -> dict[str, float]:
-        """Every value as ``{spectral_<metric>/<layer_key>: value}``, the keys all trackers use."""
-        return {matrix_key(m, layer.key): layer.metric(m) for m in metrics for layer in self.layers}
+    def scalars(self, metrics: tuple[str, ...] | list[str] = METRIC_NAMES,
+                per_expert: bool = False) -> dict[str, float]:
+        """Every value as ``{spectral_<metric>/<layer_key>: value}``, the keys all trackers use.
+
+        The matrices of a mixture's experts (``L03_mlp_in_e0``, ``..._e1``, ...) are published as their
+        mean, min and max over the experts (``L03_mlp_in_experts_mean``, ``_min``, ``_max``; NaN
+        values ignored), and each one under its own key too when ``per_expert`` is True: a model of
+        64 experts would otherwise flood every panel with 64 lines per layer.
+        """
+        out = {matrix_key(m, layer.key): layer.metric(m) for m in metrics for layer in self.layers
+               if per_expert or layer.expert is None}
+        groups: dict[str, list[LayerSpectrum]] = {}
+        for layer in self.layers:
+            if layer.expert is not None:
+                groups.setdefault(_EXPERT_SUFFIX.sub("", layer.key), []).append(layer)
+        for base, members in groups.items():
+            for m in metrics:
+                values = np.array([layer.metric(m) for layer in members])
+                finite = values[np.isfinite(values)]
+                if finite.size:
+                    out |= {matrix_key(m, f"{base}_experts_{name}"): float(fn(finite))
+                            for name, fn in (("mean", np.mean), ("min", np.min), ("max", np.max))}
+        return out
 
     def with_step(self, step: int | None) -> Snapshot:
         """A copy tagged with another step."""

@@ -45,14 +45,18 @@ ROLE_GROUPS: dict[str, tuple[str, ...]] = {
 
 _LAYER_KEY = re.compile(r"^(?:([A-Za-z0-9_]+?)_)?L(\d+)_(.+)$")
 _ROLES_LONGEST_FIRST = sorted(ROLES, key=len, reverse=True)
+_EXPERT_SPREAD = re.compile(r"_experts_(min|max)$")
 
 
 def parse_key(key: str) -> tuple[str | None, int | None, str]:
     """Stack, depth and role encoded in a layer key: ``L03_q`` -> (None, 3, "q"), ``L03_mlp_in_fc`` ->
     (None, 3, "mlp_in"), ``decoder_L01_cross_k`` -> ("decoder", 1, "cross_k"), ``embed`` ->
-    (None, None, "embed"), ``vision_pos_embed`` -> ("vision", None, "pos_embed"); anything
-    unrecognised -> (stack, depth or None, "other")."""
+    (None, None, "embed"), ``vision_pos_embed`` -> ("vision", None, "pos_embed"); the min and max over
+    a mixture's experts (``L03_mlp_in_experts_max``) and anything unrecognised -> (stack, depth or
+    None, "other"); their mean (``L03_mlp_in_experts_mean``) stands for the experts' role."""
     match = _LAYER_KEY.match(key)
+    if match and _EXPERT_SPREAD.search(key):  # the spread over experts is no matrix of the group
+        return match.group(1), int(match.group(2)), "other"
     if match:
         return match.group(1), int(match.group(2)), _role_prefix(match.group(3)) or "other"
     if _role_prefix(key) is None and "_" in key:

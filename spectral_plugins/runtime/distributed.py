@@ -257,7 +257,7 @@ def failed_layer(ref: MatrixRef) -> LayerSpectrum:
     nan = math.nan
     return LayerSpectrum(
         name=ref.name, key=ref.key, module_name=ref.module_name, depth=ref.depth, role=ref.role,
-        stack=ref.stack,
+        stack=ref.stack, expert=ref.expert,
         shape=ref.shape, spectral_norm=nan, frobenius_norm=nan, stable_rank=nan, effective_rank=nan,
         alpha=nan, alpha_weighted=nan, xmin=nan, ks_distance=nan, n_tail=0, sigma_alpha=nan,
         lambda_max=nan, finite=False, precision_floor=nan, n_below_floor=0,

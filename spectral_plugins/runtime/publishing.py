@@ -29,6 +29,8 @@ class StepReport:
             attention ``spectral_attention/...``), already keyed.
         tables: named tables (``{name: list of row dicts}``) such as per-head attention bounds.
         heatmap_metrics: the metrics drawn as depth x role heatmaps (None: every published metric).
+        per_expert: publish every expert matrix of a mixture of experts under its own key, besides
+            the per-layer mean, min and max over experts (:meth:`Snapshot.scalars`).
     """
 
     step: int
@@ -37,10 +39,11 @@ class StepReport:
     extra_scalars: Mapping[str, float] = field(default_factory=dict)
     tables: Mapping[str, list[dict[str, Any]]] = field(default_factory=dict)
     heatmap_metrics: tuple[str, ...] | None = None
+    per_expert: bool = False
 
     def scalars(self) -> dict[str, float]:
         """All scalars of this step under their canonical keys (NaN values dropped)."""
-        values = {**self.snapshot.scalars(self.metrics), **self.extra_scalars}
+        values = {**self.snapshot.scalars(self.metrics, self.per_expert), **self.extra_scalars}
         return {k: float(v) for k, v in values.items() if v is not None and math.isfinite(float(v))}
 
     def heatmaps(self) -> list[Heatmap]:

@@ -56,6 +56,8 @@ class SpectralTracker:
             snapshot: True, or keyword arguments of
             :func:`~spectral_plugins.attention.bounds.attention_bounds` (e.g. ``{"sample_batch": x}``).
         analyses: further :class:`Analysis` hooks run after each snapshot.
+        per_expert: in a mixture of experts, publish every expert's matrices under their own keys
+            too; by default only each layer's mean, min and max over the experts are published.
         device: where spectra are computed (default: where the weights live).
         threads: CPU threads (``torch.set_num_threads``) while a snapshot is computed, restored after
             (also on the background worker); None keeps the current setting. One is the default: the
@@ -94,6 +96,7 @@ class SpectralTracker:
         threads: int | None = 1,
         background: bool = False,
         distributed: bool | None = None,
+        per_expert: bool = False,
     ) -> None:
         options = check_options(every_n_steps=every_n_steps, metrics=metrics, heatmap=heatmap,
                                 include=include, exclude=exclude, roles=roles, method=method, history=history,
@@ -102,6 +105,7 @@ class SpectralTracker:
         include, exclude, roles = options.include, options.exclude, options.roles
         history, attention, threads = options.history, options.attention, options.threads
         self.every_n_steps = options.every_n_steps
+        self.per_expert = bool(per_expert)
         self.threads = threads
         self.metrics = options.metrics
         self.heatmap_metrics = options.heatmap
@@ -208,7 +212,7 @@ class SpectralTracker:
             output = self.analyses.update(snapshot, self.model_map)
         report = StepReport(step=int(snapshot.step or 0), snapshot=snapshot, metrics=self.metrics,
                             extra_scalars=dict(output.scalars), tables=dict(output.tables),
-                            heatmap_metrics=self.heatmap_metrics)
+                            heatmap_metrics=self.heatmap_metrics, per_expert=self.per_expert)
         self.delivery.step(report, self.config)
         self.last_report = report
         return report
@@ -230,7 +234,8 @@ class SpectralTracker:
             self.strategy.submit(last)
             snapshot = next((done.snapshot for done in self.strategy.collect()), None)
             self.last_report = None if snapshot is None else StepReport(
-                step=last, snapshot=snapshot, metrics=self.metrics, heatmap_metrics=self.heatmap_metrics)
+                step=last, snapshot=snapshot, metrics=self.metrics, heatmap_metrics=self.heatmap_metrics,
+                per_expert=self.per_expert)
         summary = None
         if self.last_report is not None:  # None on the other ranks of a distributed tracker
             with cpu_threads(self.threads):
