@@ -89,12 +89,13 @@ class Comparison:
 
 def compare_histories(runs: Sequence[tuple[str, SpectralHistory]], group: str = "all",
                       config: LifecycleConfig | None = None) -> Comparison:
-    """Summarise each named history (without per-layer timescale fits) and fit Delta-alpha against L."""
+    """Summarise each named history (without per-layer timescale fits) and fit Delta-alpha against L
+    (in a model of several stacks: the first stack's Delta-alpha against its own depth)."""
     config = replace(config or LifecycleConfig(), fit_timescales=False)
     if group not in config.groups:
         config = replace(config, groups=(*config.groups, group))
-    figures = tuple(RunFigures(name, h.num_blocks, int(h.steps[-1]) if len(h) else 0, summarize(h, config))
-                    for name, h in runs)
+    figures = tuple(RunFigures(name, h.stack_blocks(), int(h.steps[-1]) if len(h) else 0,
+                               summarize(h, config)) for name, h in runs)
     comparison = Comparison(group, figures, DepthScalingFit(math.nan, math.nan, math.nan, math.nan, 0))
     return replace(comparison, fit=fit_depth_scaling(comparison.depths(), comparison.delta_alphas()))
 
