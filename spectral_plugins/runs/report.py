@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from ..lifecycle.history import SpectralHistory
+from ..lifecycle.importance import PruningAdvice
 from ..lifecycle.pruning import PruningEvaluation
 from ..lifecycle.signals import (
     LifecycleConfig,
@@ -53,15 +54,21 @@ def plot_report(history: SpectralHistory, summary: LifecycleSummary, path: str |
     """Draw the report figure to ``path`` (PNG)."""
     config = config or LifecycleConfig()
     groups = _groups(history, config) or ["all"]
-    ncols = max(len(groups), 3)
+    stacks = history.stacks
+    # A model of several stacks: the qk and all panels of every stack (one wave front per stack).
+    shown = groups if len(stacks) == 1 else [g for g in ("qk", "all") if g in groups] or groups[:1]
+    waves = [(stack, group) for stack in stacks for group in shown]
+    ncols = max(len(waves), 3)
     with saved_figure(path, figsize=(4.2 * ncols, 10.5), dpi=100) as fig:
         axes = fig.subplots(3, ncols, squeeze=False)
-        for ax, group in zip(axes[0], groups):
-            _heatmap(fig, ax, wave_trajectory(history, group, config))
+        for ax, (stack, group) in zip(axes[0], waves):
+            _heatmap(fig, ax, wave_trajectory(history, group, config, stack=stack))
         profile_groups = [g for g in ("all", "qk") if g in groups][:2] or groups[:1]
-        for ax, group in zip(axes[1], profile_groups):
-            _alpha_profiles(ax, history, group, summary)
-        _asymmetry(axes[1][len(profile_groups)], history)
+        profiles = [(None, g) for g in profile_groups] if len(stacks) == 1 else \
+            [(stack, profile_groups[0]) for stack in stacks][:ncols - 1]
+        for ax, (stack, group) in zip(axes[1], profiles):
+            _alpha_profiles(ax, history, group, summary, stack)
+        _asymmetry(axes[1][len(profiles)], history)
         _importance(axes[2][0], summary, pruning)
         if pruning is not None:
             _strategies(axes[2][1], pruning)
@@ -97,23 +104,28 @@ def _heatmap(fig, ax, w) -> None:  # noqa: ANN001 - matplotlib objects
     if w.reversal.reversed:
         ax.axvline(w.reversal.step, color="cyan", ls="--", lw=1, label=f"reversal @ {w.reversal.step:.0f}")
     speed = "" if not math.isfinite(w.wave_speed) else f", {w.wave_speed:.2f} blocks/1k steps"
-    ax.set_title(f"{w.group}: normalised stable rank{speed}", fontsize=9)
+    ax.set_title(f"{_named(w.stack, w.group)}: normalised stable rank{speed}", fontsize=9)
     ax.set_xlabel("step")
     ax.set_ylabel("depth (block)")
     ax.legend(fontsize=7, loc="lower right")
 
 
-def _alpha_profiles(ax, history: SpectralHistory, group: str, summary: LifecycleSummary) -> None:  # noqa: ANN001
+def _named(stack: str | None, group: str) -> str:
+    return group if stack is None else f"{stack} {group}"
+
+
+def _alpha_profiles(ax, history: SpectralHistory, group: str, summary: LifecycleSummary,  # noqa: ANN001
+                    stack: str | None = None) -> None:
     from matplotlib import colormaps
 
-    steps, depths, alpha = alpha_profiles(history, group)
+    steps, depths, alpha = alpha_profiles(history, group, stack)
     if alpha.size == 0:
         return
     rows = np.unique(np.linspace(0, len(steps) - 1, min(PROFILE_LINES, len(steps))).round().astype(int))
     colors = colormaps["viridis"](np.linspace(0, 1, len(rows)))
     for color, t in zip(colors, rows):
         ax.plot(depths, alpha[t], color=color, marker=".", lw=1, label=f"step {steps[t]}")
-    g = summary.group(group)
+    g = summary.group(group, stack)
     u = g.inverted_u
     finite = np.isfinite(g.settled_alpha)
     if math.isfinite(u.curvature) and finite.sum() >= 4:
@@ -122,20 +134,26 @@ def _alpha_profiles(ax, history: SpectralHistory, group: str, summary: Lifecycle
         ax.plot(grid, np.polyval(coef, grid), color="red", ls=":", lw=1.2, label="quadratic fit")
     peak = f"\ninverted U, peak at block {u.peak_depth:.1f} (confidence {u.confidence:.2f})" \
         if u.is_inverted_u else ""
-    ax.set_title(f"alpha depth profile ({group}), Δα = {g.delta_alpha:.3f}{peak}", fontsize=9)
+    ax.set_title(f"alpha depth profile ({_named(stack, group)}), Δα = {g.delta_alpha:.3f}{peak}", fontsize=9)
     ax.set_xlabel("depth (block)")
     ax.set_ylabel("alpha")
     ax.legend(fontsize=6)
 
 
 def _asymmetry(ax, history: SpectralHistory) -> None:  # noqa: ANN001
-    steps, index, run_index = asymmetry_series(history)
-    if not np.isfinite(index).any():
+    runs = []
+    for i, stack in enumerate(history.stacks):  # one line per stack
+        steps, index, run_index = asymmetry_series(history, stack)
+        if np.isfinite(index).any():
+            ax.plot(steps, index, color=f"C{2 + i}", label=_named(stack, f"run {run_index:.2f}"))
+            runs.append(run_index)
+    if not runs:
         return
-    ax.plot(steps, index, color="C2")
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_ylim(-1.05, 1.05)
-    ax.set_title(f"Q/K vs V/O asymmetry (run: {run_index:.2f})", fontsize=9)
+    if len(history.stacks) > 1:
+        ax.legend(fontsize=7)
+    ax.set_title(f"Q/K vs V/O asymmetry (run: {', '.join(f'{r:.2f}' for r in runs)})", fontsize=9)
     ax.set_xlabel("step")
     ax.set_ylabel("(V_qk - V_vo) / (V_qk + V_vo)")
 
@@ -203,21 +221,25 @@ def report_html(title: str, summary: LifecycleSummary, png: Path,
     """The HTML page (figure embedded as base64, so the page stands alone)."""
     image = base64.b64encode(png.read_bytes()).decode("ascii")
     rows = "\n".join(_row([
-        g.group, str(g.num_blocks), fixed(g.wave_speed), fixed(g.wave_r2),
+        g.label, str(g.num_blocks), fixed(g.wave_speed), fixed(g.wave_r2),
         fixed(g.reversal_step, 0) if g.reversed else "no", fixed(g.delta_alpha),
         fixed(g.alpha_depth_gradient),
         fixed(g.inverted_u.peak_depth, 1) if g.inverted_u.is_inverted_u else "no",
         fixed(g.inverted_u.confidence),
         fixed(g.tau_fast, 0), fixed(g.tau_slow, 0)]) for g in summary.groups)
     header = "<tr>" + "".join(f"<th>{c}</th>" for c in _COLUMNS) + "</tr>"
-    advice = ", ".join(str(d) for d in summary.advice.order)
+    per_stack: list[tuple[str | None, float, PruningAdvice]] = [(s[0], s[1], s[3]) for s in summary.stacks]
+    per_stack = per_stack or [(None, summary.qk_vo_asymmetry, summary.advice)]
+    asymmetry = ", ".join(f"{html.escape(_named(stack, ''))}{fixed(index)}" for stack, index, _ in per_stack)
+    advice = "; ".join(f"{html.escape(_named(stack, ''))}{', '.join(str(d) for d in a.order)}"
+                       for stack, _, a in per_stack)
     method = html.escape(summary.importance.method)
     measured = _pruning_paragraph(pruning) if pruning is not None else ""
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>{_STYLE}</style></head><body>
 <h1>{html.escape(title)}</h1>
 <p>Up to step {summary.step}, {summary.num_blocks} blocks. Q/K vs V/O asymmetry (run level):
-{fixed(summary.qk_vo_asymmetry)}. Definitions: docs/lifecycle.md.</p>
+{asymmetry}. Definitions: docs/lifecycle.md.</p>
 <table>{header}
 {rows}</table>
 <h2>Pruning advice</h2>

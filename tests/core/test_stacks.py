@@ -184,3 +184,17 @@ def test_heatmap_rows_and_attention_sites_per_stack():
                                               "decoder_L00_cross_attn"]
     cross = next(b for b in bounds.layers if b.key == "decoder_L00_cross_attn")
     assert cross.q_name.startswith("decoder.layers.0.multihead_attn")
+
+
+def test_the_run_report_shows_every_stack(tmp_path):
+    from spectral_plugins.runs.report import render_report
+
+    encoder = wave_history(num_blocks=4, speed=2.0, last=3000, interval=100)
+    decoder = wave_history(num_blocks=3, speed=1.0, t0=1000.0, last=3000, interval=100)
+    files = render_report(two_stack_history(encoder, decoder), tmp_path)
+    page = files.html.read_text()
+    for label in ("encoder_qk", "decoder_qk", "encoder_all", "decoder_all"):
+        assert f"<td>{label}</td>" in page
+    assert "Blocks in removal order (least important first, by alpha_drop): encoder " in page
+    assert "; decoder " in page
+    assert files.png.stat().st_size > 10_000
