@@ -16,7 +16,8 @@ class RecordingPublisher:
 
     def __init__(self) -> None:
         self.configs: list[Mapping[str, Any]] = []
-        self.reports: list[StepReport] = []
+        self.reports: list[StepReport] = []  # full snapshots
+        self.fast_reports: list[StepReport] = []  # fast-lane steps (scalars only)
         self.summaries: list[RunSummary] = []
         self.closed = 0
 
@@ -24,7 +25,7 @@ class RecordingPublisher:
         self.configs.append(dict(config))
 
     def publish_step(self, report: StepReport) -> None:
-        self.reports.append(report)
+        (self.reports if report.full else self.fast_reports).append(report)
 
     def publish_summary(self, summary: RunSummary) -> None:
         self.summaries.append(summary)

@@ -41,7 +41,7 @@ from typing import Any
 
 from ..core.options import check_options, name_list
 from ..runtime.publishing import Publisher, RunSummary, console
-from ..runtime.tracker import SpectralTracker
+from ..runtime.tracker import DEFAULT_FAST_EVERY_N_STEPS, SpectralTracker
 
 __all__ = [
     "INSTALL_HINT", "NATIVE_TRACKERS", "NOT_TRACKERS", "TENSORBOARD_SUBDIR", "SpectralCallback",
@@ -92,6 +92,9 @@ class SpectralCallback(TrainerCallback, ExportableState):
             wait for the snapshot in flight.
         per_expert: in a mixture of experts, publish every expert's matrices under their own keys too
             (by default each layer's mean, min and max over the experts).
+        fast_every_n_steps: publish stable rank (and the norms, when published) every this many
+            steps between full snapshots, from the fast lane (see
+            :class:`~spectral_plugins.runtime.tracker.SpectralTracker`); None turns it off.
 
     Raises:
         ValueError: at construction, any option that is invalid on its own (``every_n_steps`` or
@@ -118,16 +121,19 @@ class SpectralCallback(TrainerCallback, ExportableState):
         threads: int | None = 1,
         background: bool = False,
         per_expert: bool = False,
+        fast_every_n_steps: int | None = DEFAULT_FAST_EVERY_N_STEPS,
     ) -> None:
         check_options(every_n_steps=every_n_steps, metrics=metrics, heatmap=heatmap, include=include,
                       exclude=exclude, roles=roles, method=method, history=history, attention=attention,
-                      device=device, threads=threads, background=background)
+                      device=device, threads=threads, background=background,
+                      fast_every_n_steps=fast_every_n_steps)
         if report_to is not None:
             name_list("report_to", report_to)
         self.options: dict[str, Any] = dict(
             every_n_steps=every_n_steps, metrics=metrics, include=include, exclude=exclude, roles=roles,
             method=method, heatmap=heatmap, history=history, attention=attention, device=device,
-            threads=threads, background=background, per_expert=per_expert)
+            threads=threads, background=background, per_expert=per_expert,
+            fast_every_n_steps=fast_every_n_steps)
         self.every_n_steps = every_n_steps
         self.publishers = tuple(publishers)
         self.report_to = report_to

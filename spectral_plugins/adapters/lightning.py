@@ -40,7 +40,7 @@ from typing import Any
 from ..core.model_map import map_model
 from ..core.options import check_options
 from ..runtime.publishing import Publisher, RunSummary, StepReport
-from ..runtime.tracker import SpectralTracker
+from ..runtime.tracker import DEFAULT_FAST_EVERY_N_STEPS, SpectralTracker
 
 __all__ = [
     "INSTALL_HINT", "LOGGER_MODULES", "NATIVE_LOGGERS", "CONFIG_PREFIX", "logger_kind",
@@ -159,6 +159,9 @@ class SpectralMonitor(*_callback_bases()):  # type: ignore[misc]
             ``FSDPStrategy`` (FSDP1's flat parameters) is not supported.
         per_expert: in a mixture of experts, publish every expert's matrices under their own keys too
             (by default each layer's mean, min and max over the experts).
+        fast_every_n_steps: publish stable rank (and the norms, when published) every this many
+            steps between full snapshots, from the fast lane (see
+            :class:`~spectral_plugins.runtime.tracker.SpectralTracker`); None turns it off.
 
     Raises:
         ValueError: at construction, any option that is invalid on its own (``every_n_steps`` or
@@ -184,16 +187,17 @@ class SpectralMonitor(*_callback_bases()):  # type: ignore[misc]
         background: bool = False,
         distributed: bool | None = None,
         per_expert: bool = False,
+        fast_every_n_steps: int | None = DEFAULT_FAST_EVERY_N_STEPS,
     ) -> None:
         super().__init__()
         check_options(every_n_steps=every_n_steps, metrics=metrics, heatmap=publish_heatmaps, include=include,
                       exclude=exclude, roles=roles, method=method, history=history, attention=attention,
                       threads=threads, background=background, distributed=distributed,
-                      names={"heatmap": "publish_heatmaps"})
+                      fast_every_n_steps=fast_every_n_steps, names={"heatmap": "publish_heatmaps"})
         self.options: dict[str, Any] = dict(
             every_n_steps=every_n_steps, metrics=metrics, include=include, exclude=exclude, roles=roles,
             method=method, heatmap=publish_heatmaps, history=history, attention=attention, threads=threads,
-            background=background, per_expert=per_expert)
+            background=background, per_expert=per_expert, fast_every_n_steps=fast_every_n_steps)
         self.distributed = distributed
         self.every_n_steps = every_n_steps
         self.extra_publishers = tuple(extra_publishers)

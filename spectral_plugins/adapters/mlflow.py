@@ -153,7 +153,8 @@ class MlflowPublisher:
             self._log_files(images)
 
         self._call(work)
-        self._last_published_step = report.step
+        if report.full:
+            self._last_published_step = report.step
 
     def publish_summary(self, summary: RunSummary) -> None:
         """Final figures and summary scalars as metrics at the last step; the final snapshot (JSON)

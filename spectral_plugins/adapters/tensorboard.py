@@ -128,6 +128,10 @@ class TensorBoardPublisher:
         """Scalars, (once) the custom-scalars layout, heatmap images and optional histograms."""
         step = report.step
         scalars = report.scalars()
+        if not report.full:  # a fast-lane step: its scalars only
+            for key, value in scalars.items():
+                self.writer.add_scalar(key, value, step)
+            return
         if not self._layout_written:
             self.writer.add_custom_scalars(custom_scalars_layout(report.snapshot, report.metrics, scalars))
             self._layout_written = True

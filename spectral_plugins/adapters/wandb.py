@@ -111,6 +111,10 @@ class WandbPublisher:
     def publish_step(self, report: StepReport) -> None:
         run = self.run
         row: dict[str, Any] = {STEP_KEY: report.step, **report.scalars()}
+        if not report.full:  # a fast-lane step: its scalars only
+            self._define(run, row)
+            run.log(row)
+            return
         row.update(self._heatmaps(report))
         if self.table:
             row[f"{TABLE_SECTION}/layers"] = self._layer_table(report)

@@ -175,6 +175,7 @@ class Options:
     threads: int | None
     background: bool
     distributed: bool | None
+    fast_every_n_steps: int | None
 
 
 def check_options(
@@ -191,6 +192,7 @@ def check_options(
     threads: object = 1,
     background: object = False,
     distributed: object = None,
+    fast_every_n_steps: object = None,
     names: Mapping[str, str] | None = None,
 ) -> Options:
     """Check every tracker setting; ``names`` maps an option to the caller's public spelling
@@ -217,4 +219,5 @@ def check_options(
         threads=positive_int(public("threads"), threads, optional=True),
         background=flag(public("background"), background),
         distributed=flag(public("distributed"), distributed, optional=True),
+        fast_every_n_steps=positive_int(public("fast_every_n_steps"), fast_every_n_steps, optional=True),
     )

@@ -31,6 +31,9 @@ class StepReport:
         heatmap_metrics: the metrics drawn as depth x role heatmaps (None: every published metric).
         per_expert: publish every expert matrix of a mixture of experts under its own key, besides
             the per-layer mean, min and max over experts (:meth:`Snapshot.scalars`).
+        full: False for a fast-lane step (:mod:`spectral_plugins.runtime.fast`): its snapshot is
+            empty and its per-matrix values are in ``extra_scalars``; publishers log its
+            :meth:`scalars` and nothing else (no images, tables or layouts).
     """
 
     step: int
@@ -40,6 +43,7 @@ class StepReport:
     tables: Mapping[str, list[dict[str, Any]]] = field(default_factory=dict)
     heatmap_metrics: tuple[str, ...] | None = None
     per_expert: bool = False
+    full: bool = True
 
     def scalars(self) -> dict[str, float]:
         """All scalars of this step under their canonical keys (NaN values dropped)."""

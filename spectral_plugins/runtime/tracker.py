@@ -28,11 +28,13 @@ from ..core.snapshot import Snapshot
 from .analyses import Analyses, Analysis, default_analyses
 from .background import BackgroundSnapshotter
 from .delivery import Delivery
+from .fast import FastLaneRunner
 from .publishing import GuardedPublisher, Publisher, RunSummary, StepReport, console
 from .strategies import make_strategy
 
 STATE_FORMAT = "spectral_plugins.tracker"  # the saved-state name since 0.1.0, not a module path
 STATE_VERSION = 1
+DEFAULT_FAST_EVERY_N_STEPS = 5
 
 
 class SpectralTracker:
@@ -73,6 +75,13 @@ class SpectralTracker:
             rank 0 publishes (on the others they return None). DDP and FSDP2 weights; with
             ``background=True`` (replicated weights only) a snapshot is published one period late.
             The strategies (:mod:`spectral_plugins.runtime.strategies`) say more.
+        fast_every_n_steps: between full snapshots, publish the cheap per-matrix metrics (stable
+            rank; spectral and Frobenius norm when ``metrics`` publishes them) every this many steps
+            from warm-started Lanczos (:mod:`spectral_plugins.runtime.fast`), under the same keys, so
+            the compression wave is resolved; each full snapshot publishes the lane's largest relative
+            error against the exact values (``spectral_fast/max_rel_error``). Default
+            :data:`DEFAULT_FAST_EVERY_N_STEPS` (5: 20 points per 100 steps, the demo's compression
+            phase); None turns it off.
 
     Raises:
         ValueError: ``every_n_steps < 1``, an unknown metric name, or a bad option.
@@ -97,11 +106,12 @@ class SpectralTracker:
         background: bool = False,
         distributed: bool | None = None,
         per_expert: bool = False,
+        fast_every_n_steps: int | None = DEFAULT_FAST_EVERY_N_STEPS,
     ) -> None:
         options = check_options(every_n_steps=every_n_steps, metrics=metrics, heatmap=heatmap,
                                 include=include, exclude=exclude, roles=roles, method=method, history=history,
                                 attention=attention, device=device, threads=threads, background=background,
-                                distributed=distributed)
+                                distributed=distributed, fast_every_n_steps=fast_every_n_steps)
         include, exclude, roles = options.include, options.exclude, options.roles
         history, attention, threads = options.history, options.attention, options.threads
         self.every_n_steps = options.every_n_steps
@@ -123,6 +133,8 @@ class SpectralTracker:
         self._seen_step: int | None = None
         self._submitted: int | None = None  # the last step the strategy took (maybe still in flight)
         self._collected = False  # whether a snapshot finished here (the same on every rank)
+        self.fast = (None if options.fast_every_n_steps is None else
+                     FastLaneRunner(self.model_map, options.fast_every_n_steps, self.metrics))
 
     # ------------------------------------------------------------------ publishers and analyses
     def add_publisher(self, publisher: Publisher) -> None:
@@ -166,6 +178,7 @@ class SpectralTracker:
             "threads": "unchanged" if self.threads is None else self.threads,
             "background": self.background,
             "ranks": self.ranks,
+            "fast_every_n_steps": "off" if self.fast is None else self.fast.every_n_steps,
         }
 
     # ------------------------------------------------------------------ stepping
@@ -185,9 +198,18 @@ class SpectralTracker:
         step = int(step)
         self._seen_step = step if self._seen_step is None else max(self._seen_step, step)
         due = self.should_snapshot(step) or (force and self._after_latest(step))
-        if due and self.strategy.submit(step):
+        taken = due and self.strategy.submit(step)
+        if taken:
             self._submitted = step
-        return self._publish_finished()
+            if self.fast is not None:
+                self.fast.measure_for_check(step)
+        report = self._publish_finished()
+        # Between full snapshots (and at a due step background mode skipped), the fast lane.
+        if not taken and self.fast is not None and self.fast.due(step) and self._after_latest(step):
+            fast_report = self.fast.report(step)
+            if fast_report is not None:
+                self.delivery.step(fast_report, self.config)
+        return report
 
     def flush(self, timeout: float | None = None) -> None:
         """Background mode: wait (up to ``timeout`` seconds) for the snapshot in flight and publish
@@ -210,8 +232,9 @@ class SpectralTracker:
     def _publish(self, snapshot: Snapshot) -> StepReport:
         with cpu_threads(self.threads):
             output = self.analyses.update(snapshot, self.model_map)
+        honesty = {} if self.fast is None else self.fast.check(snapshot)
         report = StepReport(step=int(snapshot.step or 0), snapshot=snapshot, metrics=self.metrics,
-                            extra_scalars=dict(output.scalars), tables=dict(output.tables),
+                            extra_scalars={**output.scalars, **honesty}, tables=dict(output.tables),
                             heatmap_metrics=self.heatmap_metrics, per_expert=self.per_expert)
         self.delivery.step(report, self.config)
         self.last_report = report

@@ -235,6 +235,7 @@ def test_the_state_is_plain_json_and_rebuilds_the_callback() -> None:
     assert state["args"] == {"every_n_steps": 3, "metrics": ["alpha"], "include": None, "exclude": None,
                              "roles": {"c_fc": "mlp_in"}, "method": "auto", "heatmap": True, "history": True,
                              "device": None, "threads": 1, "background": False, "per_expert": False,
+                             "fast_every_n_steps": 5,
                              "report_to": None}
     assert state["attributes"] == {"tracker_state": None, "unsaved_options": ["publishers", "attention"]}
     rebuilt = SpectralCallback.from_state(state)  # what Trainer does with restore_callback_states_...=True
@@ -275,7 +276,7 @@ def test_tensorboard_and_mlflow_get_every_snapshot(tmp_path: Path, monkeypatch: 
     use_mlflow(monkeypatch, sqlite_uri, tmp_path, "hf-e2e")
     recorder, reference = RecordingPublisher(), ReferenceSnapshots()
     callback = SpectralCallback(every_n_steps=2, metrics=(*METRICS, "effective_rank"),
-                                heatmap=["effective_rank"], publishers=[recorder])
+                                heatmap=["effective_rank"], publishers=[recorder], fast_every_n_steps=None)
     train(tmp_path, [callback, reference], report_to=["tensorboard", "mlflow"])
 
     assert [r.step for r in recorder.reports] == [0, 2, 4, 6] and len(recorder.summaries) == 1
@@ -331,7 +332,8 @@ def test_wandb_offline_gets_every_snapshot(tmp_path: Path) -> None:
     import wandb
 
     recorder, reference = RecordingPublisher(), ReferenceSnapshots()
-    callback = SpectralCallback(every_n_steps=2, metrics=METRICS, heatmap=["alpha"], publishers=[recorder])
+    callback = SpectralCallback(every_n_steps=2, metrics=METRICS, heatmap=["alpha"], publishers=[recorder],
+                                fast_every_n_steps=None)
     train(tmp_path, [callback, reference], report_to=["wandb"])
     wandb.finish()
 

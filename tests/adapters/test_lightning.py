@@ -232,7 +232,7 @@ def test_every_logger_at_once_matches_the_snapshots(tmp_path: Path, ids: torch.T
                MLFlowLogger(experiment_name="e2e", tracking_uri=mlflow_server.uri),
                WandbLogger(project="e2e", save_dir=str(tmp_path), offline=True),
                CSVLogger(str(tmp_path), name="csv")]
-    monitor = SpectralMonitor(every_n_steps=4, extra_publishers=[recorder])
+    monitor = SpectralMonitor(fast_every_n_steps=None, every_n_steps=4, extra_publishers=[recorder])
     fit = trainer(tmp_path, max_steps=8, logger=loggers, callbacks=[monitor])
     fit.fit(CharGPTModule(CONFIG), loader(ids, 8))
     loggers[2].experiment.finish()
@@ -306,7 +306,7 @@ def test_gradient_accumulation_snapshots_follow_optimizer_steps(tmp_path: Path, 
                                  artifact_location=(tmp_path / "artifacts").as_uri())
     csv_logger = CSVLogger(str(tmp_path), name="csv")
     monitor = SpectralMonitor(every_n_steps=2, metrics=["alpha", "stable_rank", "spectral_norm"],
-                              extra_publishers=[recorder])
+                              extra_publishers=[recorder], fast_every_n_steps=None)
     trainer(tmp_path, max_steps=6, accumulate_grad_batches=3, logger=[mlflow_logger, csv_logger],
             callbacks=[weights, monitor]).fit(CharGPTModule(CONFIG), loader(ids, 18))
 
@@ -339,7 +339,8 @@ def test_resume_from_a_checkpoint_continues_the_series(tmp_path: Path, ids: torc
     torch.manual_seed(0)
     first_loggers, first = loggers(), RecordingPublisher()
     first_trainer = trainer(tmp_path, max_steps=6, logger=first_loggers,
-                            callbacks=[SpectralMonitor(every_n_steps=3, extra_publishers=[first])])
+                            callbacks=[SpectralMonitor(every_n_steps=3, extra_publishers=[first],
+                                                       fast_every_n_steps=None)])
     first_trainer.fit(CharGPTModule(CONFIG), loader(ids, 12))
     checkpoint = tmp_path / "stopped.ckpt"
     first_trainer.save_checkpoint(checkpoint)
@@ -348,7 +349,7 @@ def test_resume_from_a_checkpoint_continues_the_series(tmp_path: Path, ids: torc
 
     run_id = first_loggers[1].run_id
     second_loggers, second = loggers(run_id), RecordingPublisher()
-    monitor = SpectralMonitor(every_n_steps=3, extra_publishers=[second])
+    monitor = SpectralMonitor(fast_every_n_steps=None, every_n_steps=3, extra_publishers=[second])
     trainer(tmp_path, max_steps=12, logger=second_loggers, callbacks=[monitor]).fit(
         CharGPTModule(CONFIG), loader(ids, 12), ckpt_path=str(checkpoint))
 
@@ -442,7 +443,7 @@ def test_background_monitor_publishes_every_due_step_to_tensorboard(tmp_path: Pa
     recorder = RecordingPublisher()
     logger = TensorBoardLogger(str(tmp_path), name="tb")
     monitor = SpectralMonitor(every_n_steps=2, extra_publishers=[recorder], publish_heatmaps=False,
-                              background=True)
+                              background=True, fast_every_n_steps=None)
     waiter = WaitForSnapshot(monitor)
     fit = trainer(tmp_path, max_steps=8, logger=logger, callbacks=[monitor, waiter])
     fit.fit(CharGPTModule(CONFIG), loader(ids, 8))

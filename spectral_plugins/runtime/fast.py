@@ -1,0 +1,115 @@
+"""The tracker's fast lane: cheap per-matrix metrics between full snapshots, and its honesty check.
+
+Every ``fast_every_n_steps`` steps that are not full-snapshot steps, :class:`FastLaneRunner` measures
+stable rank (and the spectral and Frobenius norms, when the run publishes them) of every matrix with
+:class:`~spectral_plugins.core.fast_lane.FastLane` and turns the result into a scalars-only
+:class:`~spectral_plugins.runtime.publishing.StepReport` (``full=False``) under the same keys as the
+full snapshots, so each per-matrix series simply gains points. At each full snapshot the lane is
+measured too, unpublished, and the largest relative disagreement with the exact values is published
+as ``spectral_fast/max_rel_error`` (:data:`HONESTY_KEY`).
+
+The lane runs on the training thread in every mode (it costs a few matrix-vector products per
+matrix). Under torch.distributed rank 0 measures its replicated weights; sharded (DTensor) weights
+turn the lane off with one warning. A failure warns once per kind, is counted, and never reaches
+training.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+
+import torch.distributed as dist
+
+from ..core.fast_lane import FAST_METRICS, FastLane, FastMeasure, fast_lane_error
+from ..core.keys import matrix_key
+from ..core.model_map import ModelMap
+from ..core.snapshot import Snapshot
+from .publishing import StepReport
+
+log = logging.getLogger("spectral_plugins")
+
+HONESTY_KEY = "spectral_fast/max_rel_error"
+
+
+class FastLaneRunner:
+    """Measures the fast lane for a tracker and builds its reports.
+
+    Args:
+        model_map: the tracker's matrices.
+        every_n_steps: measure at every multiple of it.
+        metrics: the run's published metrics; the lane publishes those of
+            :data:`~spectral_plugins.core.fast_lane.FAST_METRICS` among them.
+    """
+
+    def __init__(self, model_map: ModelMap, every_n_steps: int, metrics: tuple[str, ...]) -> None:
+        self.every_n_steps = every_n_steps
+        self.metrics = tuple(m for m in FAST_METRICS if m in metrics)
+        self.lane: FastLane | None = None
+        self.measured = 0
+        self.failed = 0
+        self.last_step: int | None = None
+        self.last_error = math.nan
+        self._checks: dict[int, FastMeasure] = {}  # unpublished measures at full-snapshot steps
+        sharded = [ref.name for ref in model_map.matrices if type(ref.source).__name__ == "DTensor"]
+        if sharded:
+            warnings.warn(f"spectral-plugins: the fast lane is off for sharded (DTensor) weights "
+                          f"({sharded[0]}, ...); full snapshots continue", RuntimeWarning, stacklevel=3)
+        elif not self.metrics:
+            log.info("fast lane: none of %s is published (metrics=...); it stays off", FAST_METRICS)
+        elif not dist.is_available() or not dist.is_initialized() or dist.get_rank() == 0:
+            self.lane = FastLane(model_map)
+
+    def due(self, step: int) -> bool:
+        """Whether ``step`` is a fast-lane step not measured yet."""
+        return (self.lane is not None and step % self.every_n_steps == 0
+                and (self.last_step is None or step > self.last_step))
+
+    def report(self, step: int) -> StepReport | None:
+        """The scalars-only report of the lane at ``step`` (None if the measurement failed)."""
+        measure = self._measure(step)
+        if measure is None:
+            return None
+        scalars = {matrix_key(metric, key): value for metric in self.metrics
+                   for key, value in measure.values(metric).items() if math.isfinite(value)}
+        return StepReport(step=step, snapshot=Snapshot(step=step, layers=(), method="fast_lane"),
+                          metrics=(), extra_scalars=scalars, heatmap_metrics=(), full=False)
+
+    def measure_for_check(self, step: int) -> None:
+        """Measure (unpublished) at a full-snapshot step, to compare with the exact values later."""
+        if self.lane is not None:
+            measure = self._measure(step)
+            if measure is not None:
+                self._checks[step] = measure
+
+    def check(self, snapshot: Snapshot) -> dict[str, float]:
+        """``{HONESTY_KEY: largest relative error}`` of the lane against ``snapshot`` over the
+        published fast metrics, or nothing when the lane was not measured at that step."""
+        measure = self._checks.pop(int(snapshot.step or 0), None)
+        for step in [s for s in self._checks if s < int(snapshot.step or 0)]:
+            del self._checks[step]  # skipped full snapshots (background mode) never come
+        if measure is None:
+            return {}
+        errors = [fast_lane_error(measure, snapshot, metric) for metric in self.metrics]
+        finite = [e for e in errors if math.isfinite(e)]
+        if not finite:
+            return {}
+        self.last_error = max(finite)
+        return {HONESTY_KEY: self.last_error}
+
+    def _measure(self, step: int) -> FastMeasure | None:
+        assert self.lane is not None
+        self.last_step = step
+        try:
+            measure = self.lane.measure(step)
+        except Exception as error:  # noqa: BLE001 - monitoring must never break training
+            self.failed += 1
+            log.debug("fast lane at step %s failed", step, exc_info=True)
+            if self.failed == 1:
+                warnings.warn(f"spectral-plugins: the fast lane failed at step {step} "
+                              f"({type(error).__name__}: {error}); it is tried again at its next step, "
+                              "full snapshots continue", RuntimeWarning, stacklevel=4)
+            return None
+        self.measured += 1
+        return measure
