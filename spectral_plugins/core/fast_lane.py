@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from .model_map import MatrixRef, ModelMap
-from .snapshot import Snapshot
+from .snapshot import LayerSpectrum, Snapshot
 
 FAST_METRICS: tuple[str, ...] = ("stable_rank", "spectral_norm", "frobenius_norm")
 
@@ -75,6 +75,24 @@ class FastMeasure:
         if metric not in FAST_METRICS:
             raise ValueError(f"the fast lane measures {FAST_METRICS}, not {metric!r}")
         return dict(zip(self.keys, getattr(self, metric).tolist()))
+
+    def to_snapshot(self, model_map: ModelMap) -> Snapshot:
+        """A :class:`Snapshot` of the measured matrices (``model_map``'s, in its order) holding the
+        fast metrics and NaN for every metric of the full spectrum, so that code reading snapshots
+        (keys, expert aggregates, histories) reads the fast lane the same way."""
+        nan = math.nan
+        layers = tuple(
+            LayerSpectrum(name=ref.name, key=ref.key, module_name=ref.module_name, depth=ref.depth,
+                          role=ref.role, shape=ref.shape, stack=ref.stack, expert=ref.expert,
+                          spectral_norm=float(self.spectral_norm[i]),
+                          frobenius_norm=float(self.frobenius_norm[i]),
+                          stable_rank=float(self.stable_rank[i]), effective_rank=nan, alpha=nan,
+                          alpha_weighted=nan, xmin=nan, ks_distance=nan, n_tail=0, sigma_alpha=nan,
+                          lambda_max=float(self.spectral_norm[i]) ** 2,
+                          finite=bool(math.isfinite(self.frobenius_norm[i])))
+            for i, ref in enumerate(model_map.matrices))
+        return Snapshot(step=self.step, layers=layers, method="fast_lane", dtype="float32",
+                        seconds=self.seconds)
 
 
 @dataclass

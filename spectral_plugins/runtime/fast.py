@@ -23,7 +23,6 @@ import warnings
 import torch.distributed as dist
 
 from ..core.fast_lane import FAST_METRICS, FastLane, FastMeasure, fast_lane_error
-from ..core.keys import matrix_key
 from ..core.model_map import ModelMap
 from ..core.snapshot import Snapshot
 from .publishing import StepReport
@@ -41,10 +40,13 @@ class FastLaneRunner:
         every_n_steps: measure at every multiple of it.
         metrics: the run's published metrics; the lane publishes those of
             :data:`~spectral_plugins.core.fast_lane.FAST_METRICS` among them.
+        per_expert: publish every expert matrix too, not only the per-layer aggregates (as the
+            full snapshots do).
     """
 
-    def __init__(self, model_map: ModelMap, every_n_steps: int, metrics: tuple[str, ...]) -> None:
-        self.every_n_steps = every_n_steps
+    def __init__(self, model_map: ModelMap, every_n_steps: int, metrics: tuple[str, ...],
+                 per_expert: bool = False) -> None:
+        self.model_map, self.every_n_steps, self.per_expert = model_map, every_n_steps, per_expert
         self.metrics = tuple(m for m in FAST_METRICS if m in metrics)
         self.lane: FastLane | None = None
         self.measured = 0
@@ -71,10 +73,8 @@ class FastLaneRunner:
         measure = self._measure(step)
         if measure is None:
             return None
-        scalars = {matrix_key(metric, key): value for metric in self.metrics
-                   for key, value in measure.values(metric).items() if math.isfinite(value)}
-        return StepReport(step=step, snapshot=Snapshot(step=step, layers=(), method="fast_lane"),
-                          metrics=(), extra_scalars=scalars, heatmap_metrics=(), full=False)
+        return StepReport(step=step, snapshot=measure.to_snapshot(self.model_map), metrics=self.metrics,
+                          heatmap_metrics=(), per_expert=self.per_expert, full=False)
 
     def measure_for_check(self, step: int) -> None:
         """Measure (unpublished) at a full-snapshot step, to compare with the exact values later."""

@@ -133,8 +133,8 @@ class SpectralTracker:
         self._seen_step: int | None = None
         self._submitted: int | None = None  # the last step the strategy took (maybe still in flight)
         self._collected = False  # whether a snapshot finished here (the same on every rank)
-        self.fast = (None if options.fast_every_n_steps is None else
-                     FastLaneRunner(self.model_map, options.fast_every_n_steps, self.metrics))
+        self.fast = None if options.fast_every_n_steps is None else FastLaneRunner(
+            self.model_map, options.fast_every_n_steps, self.metrics, self.per_expert)
 
     # ------------------------------------------------------------------ publishers and analyses
     def add_publisher(self, publisher: Publisher) -> None:
