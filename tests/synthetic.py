@@ -3,11 +3,14 @@
 The synthetic run (steps 0, ``interval``, ..., ``last``; blocks d = 0..D-1):
 
 - Q/K and MLP stable rank ``10 * n_d(t)`` with
-  ``n_d(t) = 1 - A sigmoid((v (t - t0) - d) / w) - B x_d max(0, t - t_r) / tau``, ``x_d = d / (D-1)``:
-  a compression front at depth ``v (t - t0)`` (v in blocks per step), then, from ``t_r``, late blocks
-  compressing more than early ones. After the front has passed, the compression order (slope of n
-  over relative depth) is ``-B (t - t_r) / tau``, so it crosses ``-margin`` at
-  ``t_r + margin * tau / B``.
+  ``n_d(t) = 1 - A step((v (t - t0) - d) / w) - B x_d max(0, t - t_r) / tau``, ``x_d = d / (D-1)``,
+  ``step(z)`` the cubic smooth step from 0 (z <= -1) to 1 (z >= 1), ``1/2 + 3z/4 - z^3/4`` between:
+  a compression front at depth ``v (t - t0)`` (v in blocks per step) whose rate ``(1 - z^2)`` is a
+  parabola peaking at block d's arrival ``t0 + d / v``; then, from ``t_r``, late blocks compressing
+  more than early ones. The step has compact support, so before the front every block is exactly at
+  1 and after it exactly at ``1 - A``: the compression order (slope of n over relative depth) is
+  exactly 0 until ``t_r`` and ``-B (t - t_r) / tau`` after it (once the front has passed), so its zero
+  crossing, the reversal, is ``t_r``.
 - V/O stable rank ``10 * (1 - 0.2 (1 - exp(-t / 1000)))``: uniform over depth (zero depth variance).
 - alpha of every matrix ``profile(d) + 1.0 exp(-t / 100) + 0.5 exp(-t / 3000)``.
 """
@@ -41,13 +44,14 @@ def wave_nsr(t: np.ndarray, depths: np.ndarray, speed_per_step: float, t0: float
     t = np.asarray(t, dtype=np.float64)[:, None]
     d = np.asarray(depths, dtype=np.float64)[None, :]
     x = d / max(d.max(), 1.0)
-    front = amplitude / (1.0 + np.exp(-(speed_per_step * (t - t0) - d) / width))
+    z = np.clip((speed_per_step * (t - t0) - d) / width, -1.0, 1.0)
+    front = amplitude * (0.5 + 0.75 * z - 0.25 * z**3)
     return 1.0 - front - ramp_depth * x * np.clip((t - t_r) / ramp_tau, 0.0, None)
 
 
 def wave_history(num_blocks: int = 12, speed: float = 4.0, t0: float = 2000.0, t_r: float = 7000.0,
                  ramp_tau: float = 2000.0, ramp_depth: float = 0.2, amplitude: float = 0.3,
-                 width: float = 1.0, interval: int = 25, last: int = 10000, noise: float = 0.0,
+                 width: float = 2.0, interval: int = 25, last: int = 10000, noise: float = 0.0,
                  alpha_profile: Callable[[np.ndarray], np.ndarray] | None = None, seed: int = 0,
                  max_steps: int = 4096) -> SpectralHistory:
     """The synthetic run of the module docs; ``speed`` in blocks per 1k steps, ``noise`` the relative

@@ -38,10 +38,11 @@ class LifecycleConfig:
     Attributes:
         groups: role groups to report (names of :data:`~spectral_plugins.lifecycle.history.ROLE_GROUPS`).
         lag: snapshots between the two stable ranks of a compression rate.
-        rate_floor: a front exists only where the total rate exceeds this fraction of its running max.
+        rate_floor: a front exists only where the stack's net fall of normalised stable rank is at
+            least this fraction of its gross movement (and positive).
         speed_window: defined fronts in the trailing per-snapshot speed.
         reversal_margin: |compression order| a phase must exceed to count (normalised-stable-rank units).
-        reversal_patience: consecutive negative-order snapshots that confirm a reversal.
+        reversal_patience_steps: steps over which the order must stay negative to confirm a reversal.
         tail_fraction: fraction of the last snapshots averaged into the settled alpha profile.
         inverted_u_level: confidence needed to call a profile an inverted U.
         importance_method: "alpha", "alpha_reversed" or "alpha_drop"
@@ -54,7 +55,7 @@ class LifecycleConfig:
     rate_floor: float = 0.05
     speed_window: int = 5
     reversal_margin: float = 0.01
-    reversal_patience: int = 3
+    reversal_patience_steps: float = 100.0
     tail_fraction: float = 0.1
     inverted_u_level: float = 0.95
     importance_method: str = "alpha_drop"
@@ -81,6 +82,8 @@ class WaveTrajectory:
         arrivals: (D,) step of each block's peak compression rate before the reversal.
         wave_speed: blocks per 1k steps from the arrivals; wave_r2: R^2 of that line.
         stack: the stack of blocks (None: a single-stack model).
+        wave_stderr: standard error of wave_speed; wave_arrivals: blocks with an arrival;
+        wave_note: why the speed or its error is undetermined ("" otherwise).
     """
 
     group: str
@@ -95,6 +98,9 @@ class WaveTrajectory:
     wave_speed: float
     wave_r2: float
     stack: str | None = None
+    wave_stderr: float = math.nan
+    wave_arrivals: int = 0
+    wave_note: str = ""
 
 
 def wave_trajectory(history: SpectralHistory, group: str, config: LifecycleConfig = LifecycleConfig(),
@@ -113,12 +119,12 @@ def wave_trajectory(history: SpectralHistory, group: str, config: LifecycleConfi
             recent = np.flatnonzero(np.isfinite(front))[-config.speed_window:]
             speed[-1] = wave.front_speed(steps[recent], front[recent])
     order = wave.compression_order(depths, nsr)
-    reversal = wave.detect_reversal(steps, order, config.reversal_margin, config.reversal_patience)
+    reversal = wave.detect_reversal(steps, order, config.reversal_margin, config.reversal_patience_steps)
     until = reversal.step if reversal.reversed else math.inf
     arrivals = wave.arrival_steps(steps, nsr, config.lag, until)
-    wave_speed, wave_r2 = wave.arrival_speed(depths, arrivals)
-    return WaveTrajectory(group, steps, depths, nsr, front, speed, order, reversal, arrivals, wave_speed,
-                          wave_r2, stack)
+    fit = wave.arrival_fit(depths, arrivals)
+    return WaveTrajectory(group, steps, depths, nsr, front, speed, order, reversal, arrivals, fit.speed,
+                          fit.r2, stack, fit.stderr, fit.arrivals, fit.note)
 
 
 def alpha_profiles(history: SpectralHistory, group: str, stack: str | None = None
@@ -225,7 +231,7 @@ class GroupSummary:
         wave_speed: arrival-based speed of the compression wave front (blocks per 1k steps).
         wave_r2: R^2 of that arrival fit.
         reversed: whether the wave reversed (late layers ending more compressed than early ones).
-        reversal_step: the step of the reversal.
+        reversal_step: the step of the reversal (the compression order's zero crossing).
         final_nsr_order: compression order (slope of normalised stable rank over depth) at the last step.
         delta_alpha: spread over depth of the settled alpha profile.
         alpha_depth_gradient: least-squares slope of the settled alpha profile against depth.
@@ -234,6 +240,11 @@ class GroupSummary:
         tau_fast: median over the group's matrices of the fast timescale of alpha's fit (steps).
         tau_slow: the same for the slow timescale (steps).
         stack: the stack of blocks (None: a single-stack model).
+        wave_speed_stderr: standard error of wave_speed (NaN below 3 arrivals).
+        wave_arrivals: blocks with an arrival step (the points of the fit).
+        wave_note: why the speed or its error is undetermined ("" otherwise).
+        reversal_stderr: standard error of reversal_step (steps; NaN when undetermined).
+        reversal_note: why there is no reversal or its error is undetermined ("" otherwise).
     """
 
     group: str
@@ -250,6 +261,11 @@ class GroupSummary:
     tau_fast: float = math.nan
     tau_slow: float = math.nan
     stack: str | None = None
+    wave_speed_stderr: float = math.nan
+    wave_arrivals: int = 0
+    wave_note: str = ""
+    reversal_stderr: float = math.nan
+    reversal_note: str = ""
 
     @property
     def label(self) -> str:
@@ -299,7 +315,10 @@ class LifecycleSummary:
             u = g.inverted_u
             out.update({
                 lifecycle_key("wave_speed", g.label): g.wave_speed,
+                lifecycle_key("wave_speed_stderr", g.label): g.wave_speed_stderr,
+                lifecycle_key("wave_arrivals", g.label): float(g.wave_arrivals),
                 lifecycle_key("wave_r2", g.label): g.wave_r2,
+                lifecycle_key("wave_reversal_stderr", g.label): g.reversal_stderr,
                 lifecycle_key("wave_reversed", g.label): float(g.reversed),
                 lifecycle_key("wave_reversal_step", g.label): g.reversal_step,
                 lifecycle_key("delta_alpha", g.label): g.delta_alpha,
@@ -357,7 +376,8 @@ def _group_summary(history: SpectralHistory, name: str, stack: str | None,
         _last(w.order), _last(delta_alpha(settled[None, :])) if settled.size else math.nan,
         _last(alpha_depth_gradient(depths, settled[None, :])) if settled.size else math.nan,
         settled, fit_inverted_u(depths, settled, config.inverted_u_level),
-        _median([f.tau_fast for f in fits]), _median([f.tau_slow for f in fits]), stack)
+        _median([f.tau_fast for f in fits]), _median([f.tau_slow for f in fits]), stack,
+        w.wave_stderr, w.wave_arrivals, w.wave_note, w.reversal.stderr, w.reversal.note)
 
 
 def _layer_timescales(history: SpectralHistory) -> tuple[LayerTimescales, ...]:
@@ -409,6 +429,8 @@ class SpectralLifecycle:
         """Restore from :meth:`state_dict` output (exactly)."""
         config = dict(state["config"])
         config["groups"] = tuple(config["groups"])
+        # older checkpoints counted patience in snapshots; their interval is unknown, so the default applies
+        config.pop("reversal_patience", None)
         self.config = LifecycleConfig(**config)
         self.history = SpectralHistory.from_state(state["history"])
 

@@ -223,13 +223,11 @@ def default_analyses(history: bool | int, attention: bool | Mapping[str, Any] = 
 
 def lifecycle_text(result: Any) -> str:
     """Lines summarising a :class:`~spectral_plugins.lifecycle.signals.LifecycleSummary`."""
+    from ..lifecycle.describe import group_text, number
+
     lines = [f"lifecycle over {result.num_blocks} blocks (step {result.step}); "
-             f"Q/K vs V/O asymmetry {fmt(result.qk_vo_asymmetry)}"]
-    for g in result.groups:
-        reversal = f"reversed at step {fmt(g.reversal_step)}" if g.reversed else "no reversal yet"
-        lines.append(f"  {g.label:>4}: compression wave {reversal}, speed {fmt(g.wave_speed)} "
-                     f"blocks/1k steps; delta alpha {fmt(g.delta_alpha)}, "
-                     f"alpha depth gradient {fmt(g.alpha_depth_gradient)}")
+             f"Q/K vs V/O asymmetry {number(result.qk_vo_asymmetry, 4)}"]
+    lines += [f"  {group_text(g)}" for g in result.groups]
     order = ", ".join(str(d) for d in result.advice.order)
     if order:
         method = result.importance.method

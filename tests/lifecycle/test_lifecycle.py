@@ -24,10 +24,10 @@ from tests.synthetic import layer, profile_history, wave_history
 
 SPEED = 4.0  # blocks per 1k steps
 T0, T_R, RAMP_TAU, RAMP_DEPTH, MARGIN = 2000.0, 7000.0, 2000.0, 0.2, 0.01
-# The order crosses -margin at t_r + margin * tau / B (tests/synthetic.py); the wave-only roles are 4 of
-# the 6 in the "all" group, so there the ramp is 4/6 as steep.
-REVERSAL_QK = T_R + MARGIN * RAMP_TAU / RAMP_DEPTH
-REVERSAL_ALL = T_R + MARGIN * RAMP_TAU / (RAMP_DEPTH * 4 / 6)
+# The compression order is exactly 0 between the front and t_r, then falls linearly (tests/synthetic.py):
+# late blocks cross early ones at t_r in every group (in "all" the ramp is only 4/6 as steep). The old
+# detector reported the -margin crossing, t_r + margin * tau / B = 7100 here: four intervals late.
+REVERSAL = T_R
 FAST_CONFIG = LifecycleConfig(fit_timescales=False)
 
 
@@ -40,10 +40,12 @@ def test_wave_speed_and_reversal_recovered_exactly_without_noise(clean) -> None:
     w = wave_trajectory(clean, "qk", FAST_CONFIG)
     assert w.wave_speed == pytest.approx(SPEED, rel=0.01)  # tolerance 1 %
     assert w.wave_r2 > 0.999
+    assert w.wave_arrivals == 12 and w.wave_stderr < 0.01 * SPEED  # exact arrivals: a tiny error
     assert w.reversal.reversed
-    assert w.reversal.step == pytest.approx(REVERSAL_QK, abs=25)  # one snapshot interval
+    assert w.reversal.step == pytest.approx(REVERSAL, abs=1e-6)  # interpolating a line is exact
+    assert w.reversal.stderr == pytest.approx(0.0, abs=1e-6)  # no noise: no jitter
     w_all = wave_trajectory(clean, "all", FAST_CONFIG)
-    assert w_all.reversal.step == pytest.approx(REVERSAL_ALL, abs=25)
+    assert w_all.reversal.step == pytest.approx(REVERSAL, abs=1e-6)
     # V/O compress uniformly: no order, no reversal, no wave speed worth the name.
     w_vo = wave_trajectory(clean, "vo", FAST_CONFIG)
     assert not w_vo.reversal.reversed
@@ -67,8 +69,10 @@ def test_wave_survives_noise() -> None:
     config = LifecycleConfig(fit_timescales=False, lag=4)
     w = wave_trajectory(noisy, "qk", config)
     assert w.wave_speed == pytest.approx(SPEED, rel=0.1)  # tolerance 10 %
+    assert abs(w.wave_speed - SPEED) < 3 * w.wave_stderr + 0.05 * SPEED
     assert w.reversal.reversed
-    assert w.reversal.step == pytest.approx(REVERSAL_QK, abs=250)  # tolerance 250 steps
+    assert w.reversal.step == pytest.approx(REVERSAL, abs=150)  # tolerance 6 snapshot intervals
+    assert abs(w.reversal.step - REVERSAL) < 3 * w.reversal.stderr + 25
 
 
 def test_no_reversal_without_late_compression() -> None:
@@ -80,12 +84,93 @@ def test_no_reversal_without_late_compression() -> None:
 
 def test_reversal_detector_rules() -> None:
     steps = np.arange(8) * 10.0
-    assert wave.detect_reversal(steps, np.array([0, 0.05, 0.02, -0.02, -0.05, -0.05, -0.06, -0.07])).step == \
-        pytest.approx(27.5)  # 0.02 -> -0.02 between steps 20 and 30 crosses -0.01 at 27.5
+    order = np.array([0, 0.05, 0.02, -0.02, -0.05, -0.05, -0.06, -0.07])
+    r = wave.detect_reversal(steps, order, patience=30)
+    assert r.reversed and r.index == 3
+    assert r.step == pytest.approx(25.0)  # the zero crossing of 0.02 -> -0.02 between steps 20 and 30
+    # the last zero crossing before the confirming snapshot, not the first dip inside the margin band
+    dip = np.array([0, 0.05, -0.005, 0.003, -0.02, -0.05, -0.06, -0.07])
+    assert wave.detect_reversal(steps, dip, patience=30).step == pytest.approx(30 + 10 * 0.003 / 0.023)
     never_positive = np.array([0, -0.05, -0.05, -0.05, -0.05, -0.05, -0.05, -0.05])
     assert not wave.detect_reversal(steps, never_positive).reversed
     blip = np.array([0, 0.05, -0.05, 0.05, 0.05, 0.05, 0.05, 0.05])  # one negative snapshot: not confirmed
-    assert not wave.detect_reversal(steps, blip, patience=2).reversed
+    assert not wave.detect_reversal(steps, blip, patience=10).reversed
+    pending = wave.detect_reversal(steps, order, patience=100)  # the history ends before 30 + 100
+    assert not pending.reversed and "not confirmed yet" in pending.note
+
+
+def test_reversal_patience_counts_steps_not_snapshots() -> None:
+    """A 15-step negative excursion is jitter at any snapshot density; a lasting turn is not."""
+    def order_at(s: np.ndarray) -> np.ndarray:
+        jitter = np.where((s >= 300) & (s < 315), -0.05, 0.0)
+        return np.where(s < 1000, 0.05 + jitter, -1e-4 * (s - 1000))
+
+    for interval in (1.0, 5.0, 25.0):
+        steps = np.arange(0, 2000, interval)
+        r = wave.detect_reversal(steps, order_at(steps), patience=50)
+        assert r.reversed and r.step == pytest.approx(1000.0, abs=1e-6)
+        # counted in snapshots, 3 snapshots of 1 step would have fired on the jitter at step 300
+
+
+def test_reversal_standard_error_matches_the_scatter_of_a_known_crossing() -> None:
+    """order = -b (s - s_c) + N(0, sigma): the crossing's timing jitter is sigma / b = 10 steps."""
+    steps = np.arange(0, 3000, 25.0)
+    b, sigma, s_c = 1e-4, 1e-3, 1500.0
+    errors, stderrs = [], []
+    for seed in range(200):
+        noise = sigma * np.random.default_rng(seed).standard_normal(steps.size)
+        order = np.where(steps < 1000, 0.05, -b * (steps - s_c) + noise)
+        r = wave.detect_reversal(steps, order, patience=100)
+        assert r.reversed
+        errors.append(r.step - s_c)
+        stderrs.append(r.stderr)
+    assert np.median(stderrs) == pytest.approx(sigma / b, rel=0.25)
+    rms = float(np.sqrt(np.mean(np.square(errors))))
+    # interpolating between two snapshots averages some noise: the error is at most, not below, the jitter
+    assert 0.5 * np.mean(stderrs) < rms < 1.1 * np.mean(stderrs)
+    assert abs(np.mean(errors)) < 3 * rms / np.sqrt(len(errors))  # unbiased
+
+
+def test_wave_speed_standard_error() -> None:
+    """The speed's error is the least-squares slope error (scipy's linregress as the reference), and it
+    matches the scatter of speeds fitted to arrivals with a known timing noise."""
+    from scipy.stats import linregress
+
+    depths = np.arange(10)
+    rng = np.random.default_rng(0)
+    arrivals = 2000 + depths / SPEED * 1000 + rng.normal(0, 40, depths.size)
+    fit = wave.arrival_fit(depths, arrivals)
+    reference = linregress(arrivals, depths)
+    assert fit.speed == pytest.approx(1000 * reference.slope, rel=1e-12)
+    assert fit.stderr == pytest.approx(1000 * reference.stderr, rel=1e-12)
+    assert fit.r2 == pytest.approx(reference.rvalue**2, rel=1e-12) and fit.arrivals == 10
+    speeds, stderrs = [], []
+    for seed in range(400):
+        noisy = 2000 + depths / SPEED * 1000 + np.random.default_rng(seed).normal(0, 40, depths.size)
+        f = wave.arrival_fit(depths, noisy)
+        speeds.append(f.speed)
+        stderrs.append(f.stderr)
+    assert np.std(speeds) == pytest.approx(np.mean(stderrs), rel=0.15)
+    assert np.mean(speeds) == pytest.approx(SPEED, rel=0.02)
+    two = wave.arrival_fit(depths[:2], arrivals[:2])
+    assert math.isfinite(two.speed) and math.isnan(two.stderr) and "2 arrivals" in two.note
+    one = wave.arrival_fit(depths[:1], arrivals[:1])
+    assert math.isnan(one.speed) and "only 1 block" in one.note
+
+
+def test_front_has_a_value_wherever_the_stack_compresses_slowly() -> None:
+    """A fast early compression followed by a 100x slower late one: the front exists in both phases."""
+    steps = np.arange(0, 2000, 25.0)
+    depths = np.arange(6)
+    fast = 0.3 * (1 - np.exp(-steps / 100.0))[:, None] * np.ones(depths.size)
+    slow = 1e-5 * steps[:, None] * (depths / 5.0)  # late blocks compress slowly, late in the run
+    nsr = 1.0 - fast - slow
+    front = wave.wave_front(steps, depths, nsr)
+    assert np.isfinite(front[1:]).all()  # the old running-max floor left the slow phase empty
+    assert front[-1] == pytest.approx((depths * depths).sum() / depths.sum(), rel=0.05)
+    rising = nsr.copy()
+    rising[40:] = nsr[40] + 1e-4 * (steps[40:, None] - steps[40])  # the stack decompresses: no front
+    assert np.isnan(wave.wave_front(steps, depths, rising)[41:]).all()
 
 
 def test_compression_rate_and_front_definitions() -> None:
@@ -164,13 +249,20 @@ def test_state_and_summary_of_the_synthetic_run(clean) -> None:
     assert state.group("qk").reversed
     scalars = state.scalars()
     assert scalars["spectral_lifecycle/qk_vo_asymmetry"] == pytest.approx(1.0)
-    assert scalars["spectral_lifecycle/wave_reversal_step/qk"] == pytest.approx(REVERSAL_QK, abs=25)
+    assert scalars["spectral_lifecycle/wave_reversal_step/qk"] == pytest.approx(REVERSAL, abs=1e-6)
     assert all(k.startswith("spectral_lifecycle/") and math.isfinite(v) for k, v in scalars.items())
     assert "spectral_lifecycle/wave_front_depth/mlp" in scalars
-    assert not any(k.endswith("/vo") and "front_depth" in k for k in scalars)  # NaN values are left out
+    # V/O still compress slowly and uniformly at the end: their front is the middle of the stack
+    assert scalars["spectral_lifecycle/wave_front_depth/vo"] == pytest.approx(5.5)
+    # after t_r the Q/K rate is proportional to relative depth: the centroid is sum d^2 / sum d
+    assert scalars["spectral_lifecycle/wave_front_depth/qk"] == pytest.approx(506 / 66)
     summary = summarize(clean, FAST_CONFIG)
     assert summary.qk_vo_asymmetry == pytest.approx(1.0)
     assert summary.group("qk").wave_speed == pytest.approx(SPEED, rel=0.01)
+    qk = summary.group("qk")
+    assert qk.wave_arrivals == 12 and qk.reversal_stderr == pytest.approx(0.0, abs=1e-6)
+    assert summary.scalars()["spectral_lifecycle/wave_arrivals/qk"] == 12.0
+    assert "spectral_lifecycle/wave_speed_stderr/qk" in summary.scalars()
     assert summary.num_blocks == 12
     json.dumps(summary.to_dict(), allow_nan=False)
 
@@ -208,3 +300,20 @@ def test_spectral_lifecycle_updates_and_resumes_exactly() -> None:
         SpectralLifecycle(metrics=("alpha",))
     with pytest.raises(ValueError, match="unknown role group"):
         LifecycleConfig(groups=("nope",))
+
+
+def test_summary_text_gives_uncertainty_or_says_undetermined_and_why(clean) -> None:
+    from spectral_plugins.lifecycle.describe import group_text
+    from spectral_plugins.runtime.analyses import lifecycle_text
+
+    summary = summarize(clean, FAST_CONFIG)
+    qk = group_text(summary.group("qk"))
+    assert "4 ± " in qk and "12 arrivals" in qk and "reversed at step 7000 ± 0" in qk
+    flat = summarize(profile_history(np.full(4, 3.0)), FAST_CONFIG)  # nothing ever compresses
+    text = lifecycle_text(flat)
+    assert "undetermined (only 0 block(s) compressed before the reversal)" in text
+    assert "no confirmed reversal" in text
+    two = summarize(wave_history(num_blocks=2, last=3000), FAST_CONFIG)
+    assert "2 arrivals; error undetermined: 2 arrivals fit any line exactly" in group_text(two.group("qk"))
+    for t in (lifecycle_text(summary), text, lifecycle_text(two)):
+        assert "nan" not in t.lower()
