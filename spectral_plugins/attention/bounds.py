@@ -119,6 +119,9 @@ class LayerBound:
         norm_module: the preceding norm of the queries (if found).
         sample_input_norm: the largest observed (unaugmented) input norm, NaN without a sample.
         seq_len: n in the thresholds.
+        gamma_inflation: the held-out factor kappa of the calibrated gamma
+            (:func:`~spectral_plugins.attention.stats.calibrated_gamma`; NaN when gamma was not
+            calibrated on a sample).
     """
 
     key: str
@@ -140,6 +143,7 @@ class LayerBound:
     sample_input_norm: float
     seq_len: int
     heads: tuple[HeadBound, ...]
+    gamma_inflation: float = math.nan
 
     def _max(self, name: str) -> float:
         values = [getattr(h, name) for h in self.heads if not math.isnan(getattr(h, name))]
@@ -292,9 +296,14 @@ def attention_bounds(
                           n, delta) for site in sites)
     caveats += _caveats(model, layers)
     _warn_unused(model, sites, layers, trace, sample_batch is not None)
-    # "sample" only when the sample ran and gave head statistics (RoPE layers get none).
+    # "sample" only when the sample ran, gave head statistics (RoPE layers get none) and enough
+    # sequences to calibrate gamma out of sample (stats.calibrated_gamma).
     sampled = sample_batch is not None and trace is not None and bool(trace.heads)
-    gamma_source = "given" if gamma is not None else "sample" if sampled else "default"
+    calibrated = any(math.isfinite(la.gamma_inflation) for la in layers)
+    gamma_source = "given" if gamma is not None else "sample" if calibrated else "default"
+    if gamma is None and sampled and not calibrated:
+        caveats.append(f"the sample has fewer than {st.MIN_CALIBRATION_SEQUENCES} sequences: too few to "
+                       "calibrate gamma out of sample, so the default gamma applies")
     vectors = {k: v[3] for k, v in spectra.items() if v[3] is not None}
     return AttentionBounds(layers, delta, n, method, gamma_source, tuple(caveats), vectors)
 
@@ -348,6 +357,8 @@ def _layer(site: AttentionSite, spectrum: tuple, trace: Any, has_sample: bool, i
     dim = site.q.shape[1]
     heads_kv = site.num_kv_heads
     group = site.num_heads // heads_kv
+    per_sequence = observed.sequence_gamma if observed is not None else None
+    calibrated = st.calibrated_gamma(per_sequence) if per_sequence is not None else None
     heads = []
     for h in range(site.num_heads):
         norm_h = float(norms[h])
@@ -356,8 +367,8 @@ def _layer(site: AttentionSite, spectrum: tuple, trace: Any, has_sample: bool, i
         rank = int(ranks[h])
         if gamma is not None:
             gamma_h = float(gamma)
-        elif observed is not None and observed.num_pairs:
-            gamma_h = st.estimate_gamma(float(observed.max_sq_directional[h]), observed.num_pairs)
+        elif calibrated is not None:
+            gamma_h = float(calibrated[0][h])
         else:  # never beyond d / r, where the rank-aware threshold equals the rank-agnostic one
             gamma_h = min(st.DEFAULT_GAMMA, dim / rank) if rank else st.DEFAULT_GAMMA
         heads.append(HeadBound(
@@ -368,7 +379,8 @@ def _layer(site: AttentionSite, spectrum: tuple, trace: Any, has_sample: bool, i
     return LayerBound(site.key, site.depth, site.q.name, site.k.name, site.num_heads, heads_kv,
                       site.q.head_dim or 0, dim, site.has_bias(include_bias), site.logit_scale,
                       site.logit_scale_source, site.rope, r_q, r_k, source,
-                      norm_info.module_name if norm_info else None, sample_norm, n, tuple(heads))
+                      norm_info.module_name if norm_info else None, sample_norm, n, tuple(heads),
+                      calibrated[1] if calibrated is not None and gamma is None else math.nan)
 
 
 def _default_seq_len(model: nn.Module, sample: Any) -> int:

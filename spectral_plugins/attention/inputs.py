@@ -141,11 +141,17 @@ class NormInfo:
 
 @dataclass
 class HeadSample:
-    """Per-head statistics of one attention over a sample (arrays of length H)."""
+    """Per-head statistics of one attention over a sample (arrays of length H).
+
+    ``sequence_gamma`` [S, H]: per sequence s of the sample, ``max Z_ij^2 / (2 ln(2 m_s))`` over its
+    m_s valid pairs, the typicality matched to that sequence's extreme
+    (:func:`~spectral_plugins.attention.stats.calibrated_gamma` turns these into a conservative gamma).
+    """
 
     max_abs_logit: torch.Tensor
     max_sq_directional: torch.Tensor
     num_pairs: int = 0
+    sequence_gamma: torch.Tensor | None = None
 
 
 @dataclass
@@ -355,9 +361,10 @@ def _merge(store: dict[str, HeadSample], key: str, new: HeadSample) -> None:
     if old is None:
         store[key] = new
         return
+    per_sequence = [g for g in (old.sequence_gamma, new.sequence_gamma) if g is not None]
     store[key] = HeadSample(torch.maximum(old.max_abs_logit, new.max_abs_logit),
                            torch.maximum(old.max_sq_directional, new.max_sq_directional),
-                           old.num_pairs + new.num_pairs)
+                           old.num_pairs + new.num_pairs, torch.cat(per_sequence) if per_sequence else None)
 
 
 def observed_head_stats(site: AttentionSite, x_q: torch.Tensor, x_k: torch.Tensor, mask: torch.Tensor | None,
@@ -376,6 +383,7 @@ def observed_head_stats(site: AttentionSite, x_q: torch.Tensor, x_k: torch.Tenso
     max_abs = torch.zeros(heads, dtype=dtype, device=wq.device)
     max_sq = torch.zeros(heads, dtype=dtype, device=wq.device)
     pairs = 0
+    per_sequence = []
     for b in range(x_q.shape[0]):
         xi, xj = x_q[b].to(dtype), x_k[b].to(dtype)
         if mask is not None and mask.shape[:2] == x_q.shape[:2] == x_k.shape[:2]:
@@ -389,6 +397,11 @@ def observed_head_stats(site: AttentionSite, x_q: torch.Tensor, x_k: torch.Tenso
         logits = site.logit_scale * logits
         z = logits * scale[:, None, None] / (xi.norm(dim=-1)[:, None] * xj.norm(dim=-1)[None, :])
         max_abs = torch.maximum(max_abs, logits.abs().amax(dim=(1, 2)))
-        max_sq = torch.maximum(max_sq, z.pow(2).amax(dim=(1, 2)))
-        pairs += xi.shape[0] * xj.shape[0]
-    return HeadSample(max_abs.cpu(), max_sq.cpu(), pairs)
+        sq = z.pow(2).amax(dim=(1, 2))
+        max_sq = torch.maximum(max_sq, sq)
+        m = xi.shape[0] * xj.shape[0]
+        pairs += m
+        if m:
+            per_sequence.append(sq / (2.0 * math.log(2.0 * m)))
+    sequence_gamma = torch.stack(per_sequence).cpu() if per_sequence else None
+    return HeadSample(max_abs.cpu(), max_sq.cpu(), pairs, sequence_gamma)

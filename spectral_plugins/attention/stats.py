@@ -117,6 +117,33 @@ def estimate_gamma(max_sq_directional: float, num_pairs: int) -> float:
     return max_sq_directional / (2.0 * math.log(2.0 * num_pairs))
 
 
+MIN_CALIBRATION_SEQUENCES = 4
+
+
+def calibrated_gamma(sequence_gamma: torch.Tensor) -> tuple[torch.Tensor, float] | None:
+    """A conservative typicality per head from per-sequence estimates, or None below
+    :data:`MIN_CALIBRATION_SEQUENCES` sequences.
+
+    ``sequence_gamma`` [S, H] holds, per sequence s, ``max Z^2 / (2 ln(2 m_s))`` (the proxy whose
+    eps = 1 level matches that sequence's extreme). A held-out split measures how far the largest
+    value of one half underestimates the other: the even sequences fit ``g_fit[h] = max_s``, the odd
+    ones check it, and ``kappa = max(1, max_{s odd, h} g[s, h] / g_fit[h])`` (pooled over the heads, so
+    one factor per attention). Then ``gamma_h = max(1, kappa * max_s g[s, h])``: never below the
+    paper's typical 1, and above every sequence seen by the out-of-sample factor kappa.
+
+    Returns:
+        (gamma [H], kappa).
+    """
+    g = sequence_gamma.double()
+    if g.ndim != 2 or g.shape[0] < MIN_CALIBRATION_SEQUENCES:
+        return None
+    fit = g[0::2].amax(0)
+    with torch.no_grad():
+        ratio = torch.where(fit > 0, g[1::2] / fit.clamp_min(torch.finfo(g.dtype).tiny), torch.inf)
+    kappa = max(1.0, float(ratio.max()))
+    return torch.clamp(kappa * g.amax(0), min=1.0), kappa
+
+
 def fp8_scale(bound: float, fmt: str = "e4m3") -> float:
     """Scale s with ``s * |S| <= FP8 max`` whenever ``|S| <= bound``: ``s = max / bound``
     (E4M3 max 448, E5M2 max 57344); multiply the logits by s before the cast, divide after."""

@@ -52,6 +52,30 @@ def stdlib_text(max_chars: int = 2_000_000, root: Path | None = None) -> str:
     return "".join(parts)[:max_chars]
 
 
+DOCSTRING_MODULES = ("json", "os", "collections", "functools", "itertools", "re", "string", "textwrap",
+                     "pathlib", "argparse", "datetime", "heapq", "bisect", "shutil", "csv", "random",
+                     "statistics", "inspect")
+
+
+def stdlib_docstrings(count: int = 96, max_chars: int = 400, modules: tuple[str, ...] = DOCSTRING_MODULES
+                      ) -> list[str]:
+    """The first ``max_chars`` characters of the docstrings (at least 80 characters long) of public
+    callables of some standard-library modules, in a fixed order, without repeats: technical prose
+    with code, a source of text unlike plain English sentences (held-out tests of attention bounds)."""
+    import importlib
+    import inspect
+
+    out: list[str] = []
+    for name in modules:
+        module = importlib.import_module(name)
+        for attr in sorted(dir(module)):
+            obj = getattr(module, attr)
+            doc = inspect.getdoc(obj) if not attr.startswith("_") and callable(obj) else None
+            if doc and len(doc) >= 80 and doc[:max_chars] not in out:
+                out.append(doc[:max_chars])
+    return out[:count]
+
+
 def encode(text: str) -> torch.Tensor:
     """Character ids (int64), unknown characters as :data:`UNKNOWN`."""
     codes = np.frombuffer(text.encode("utf-32-le"), dtype="<u4")
