@@ -14,6 +14,13 @@ writes the report of the deepest run, the histories, and ``docs/reproduction.md`
 
     python benchmarks/reproduce_lifecycle.py                     # defaults: depths 2 4 6 8, 800 steps
     python benchmarks/reproduce_lifecycle.py --depths 4 --steps 100 --doc /tmp/r.md   # a quick look
+    python benchmarks/reproduce_lifecycle.py --preset paper --doc docs/reproduction_paper.md   # one GPU
+
+``--preset paper`` is the scale at which Liu 2026 report the phenomena, sized for one GPU in a few
+minutes per run: d_model 512, 8 heads, context 256, batch 64 (about 19M / 25M / 38M parameters at
+depths 6 / 8 / 12), 3000 steps with a 300-step warm-up to lr 6e-4, a snapshot every 25 steps, seeds
+0, 1, 2. Any flag given after it overrides the preset (the test suite runs the same code path with a
+tiny model on the CPU).
 """
 
 from __future__ import annotations
@@ -33,13 +40,24 @@ import torch
 from spectral_plugins.core.engine import SpectralEngine
 from spectral_plugins.demo.data import VOCAB, encode, stdlib_text
 from spectral_plugins.demo.model import CharGPT, GPTConfig
+from spectral_plugins.lifecycle.describe import with_error
 from spectral_plugins.lifecycle.importance import IMPORTANCE_METHODS, importance_from_history
 from spectral_plugins.lifecycle.pruning import PruningEvaluation, evaluate_pruning
-from spectral_plugins.lifecycle.signals import LifecycleConfig, SpectralLifecycle, wave_trajectory
+from spectral_plugins.lifecycle.signals import (
+    GroupSummary,
+    LifecycleConfig,
+    SpectralLifecycle,
+    wave_trajectory,
+)
 from spectral_plugins.runs.compare import Comparison, compare_histories, format_table, plot_comparison
 from spectral_plugins.runs.report import render_report
 
 ROOT = Path(__file__).resolve().parents[1]
+PRESETS: dict[str, dict[str, object]] = {
+    "paper": {"depths": [6, 8, 12], "seeds": [0, 1, 2], "steps": 3000, "every": 25, "dense_every": 25,
+              "dense_until": 0, "d_model": 512, "heads": 8, "block_size": 256, "batch": 64, "lr": 6e-4,
+              "warmup": 300, "device": "auto", "threads": 4},
+}
 # Everything after this line of the doc is hand-written discussion, kept when the doc is regenerated.
 DISCUSSION_MARKER = "<!-- generated above; the discussion below is kept when the script rewrites the file -->"
 
@@ -47,6 +65,7 @@ DISCUSSION_MARKER = "<!-- generated above; the discussion below is kept when the
 @dataclass
 class TrainedRun:
     depth: int
+    seed: int
     model: CharGPT
     lifecycle: SpectralLifecycle
     train_loss: float
@@ -56,6 +75,7 @@ class TrainedRun:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), help="a named configuration; later flags override it")
     p.add_argument("--depths", type=int, nargs="+", default=[2, 4, 6, 8], help="blocks per model")
     p.add_argument("--steps", type=int, default=800, help="optimizer steps per model")
     p.add_argument("--every", type=int, default=10, help="snapshot interval (steps)")
@@ -67,11 +87,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--block-size", type=int, default=64)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed and depth")
+    p.add_argument("--warmup", type=int, default=None, help="linear warm-up steps (default: steps // 20)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, or auto (cuda when available)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     p.add_argument("--out", default=str(ROOT / "runs" / "reproduce_lifecycle"))
     p.add_argument("--doc", default=str(ROOT / "docs" / "reproduction.md"))
-    return p.parse_args(argv)
+    preset = p.parse_known_args(argv)[0].preset
+    if preset:
+        p.set_defaults(**PRESETS[preset])
+    args = p.parse_args(argv)
+    args.seed = args.seeds[0]
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    return args
 
 
 def batches(ids: torch.Tensor, block: int, batch: int, seed: int):  # noqa: ANN201 - generator
@@ -83,12 +112,14 @@ def batches(ids: torch.Tensor, block: int, batch: int, seed: int):  # noqa: ANN2
 
 
 def train(depth: int, args: argparse.Namespace, train_ids: torch.Tensor, val: list) -> TrainedRun:
+    """Train one model of ``depth`` blocks with seed ``args.seed`` on ``getattr(args, "device", "cpu")``."""
     torch.manual_seed(args.seed)
+    device = torch.device(getattr(args, "device", "cpu"))
     config = GPTConfig(vocab_size=len(VOCAB), block_size=args.block_size, n_layer=depth, n_head=args.heads,
                        d_model=args.d_model)
-    model = CharGPT(config)
+    model = CharGPT(config).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1, betas=(0.9, 0.95))
-    warmup = max(1, args.steps // 20)
+    warmup = max(1, getattr(args, "warmup", None) or args.steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
     engine = SpectralEngine()
     lifecycle = SpectralLifecycle(LifecycleConfig(), max_steps=4096)
@@ -98,7 +129,7 @@ def train(depth: int, args: argparse.Namespace, train_ids: torch.Tensor, val: li
     loss = torch.tensor(math.nan)
     for step in range(1, args.steps + 1):
         x, y = next(data)
-        _, loss = model(x, y)
+        _, loss = model(x.to(device), y.to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -110,12 +141,18 @@ def train(depth: int, args: argparse.Namespace, train_ids: torch.Tensor, val: li
             print(f"  L={depth} step {step} loss {loss.item():.3f}", flush=True)
     model.eval()
     seconds = time.perf_counter() - started
-    return TrainedRun(depth, model, lifecycle, loss.item(), val_loss(model, val), seconds)
+    return TrainedRun(depth, args.seed, model, lifecycle, loss.item(), val_loss(model, val), seconds)
+
+
+def batch_losses(model: CharGPT, val: list) -> list[float]:
+    """The loss of every validation batch (evaluate_pruning turns them into paired standard errors)."""
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        return [model(x.to(device), y.to(device))[1].item() for x, y in val]
 
 
 def val_loss(model: CharGPT, val: list) -> float:
-    with torch.no_grad():
-        return float(np.mean([model(x, y)[1].item() for x, y in val]))
+    return float(np.mean(batch_losses(model, val)))
 
 
 def fmt(value: float, digits: int = 3) -> str:
@@ -126,7 +163,7 @@ def pruning_rows(run: TrainedRun, val: list, n_remove: int) -> list[tuple[str, P
     rows = []
     for method in IMPORTANCE_METHODS:
         importance = importance_from_history(run.lifecycle.history, method)
-        rows.append((method, evaluate_pruning(run.model, lambda m: val_loss(m, val), n_remove,
+        rows.append((method, evaluate_pruning(run.model, lambda m: batch_losses(m, val), n_remove,
                                               importance=importance, n_random=10, seed=0)))
     return rows
 
@@ -145,8 +182,17 @@ def front_table(run: TrainedRun, groups: tuple[str, ...] = ("qk", "vo", "mlp", "
     return "\n".join(lines)
 
 
+def label(run: TrainedRun) -> str:
+    return f"L{run.depth} s{run.seed}"
+
+
+def reversal(g: GroupSummary) -> str:
+    """The reversal step with its standard error, or ``none``."""
+    return with_error(round(g.reversal_step), g.reversal_stderr, 12) if g.reversed else "none"
+
+
 def write_doc(args: argparse.Namespace, runs: list[TrainedRun], comparison: Comparison,
-              pruning: dict[int, list[tuple[str, PruningEvaluation]]], report_path: Path, command: str,
+              pruning: dict[str, list[tuple[str, PruningEvaluation]]], report_path: Path, command: str,
               seconds: float) -> str:
     deepest = runs[-1]
     lines = [
@@ -159,18 +205,19 @@ def write_doc(args: argparse.Namespace, runs: list[TrainedRun], comparison: Comp
         f"on {platform.machine()} CPU, torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
         f"Python {sys.version.split()[0]}; total {seconds:.0f} s. Model: `CharGPT` (demo), d_model "
         f"{args.d_model}, {args.heads} heads, context {args.block_size}, batch {args.batch}, "
-        f"AdamW lr {args.lr} (linear warm-up over {max(1, args.steps // 20)} steps, weight decay 0.1, "
-        f"clip 1.0), {args.steps} steps, "
+        f"AdamW lr {args.lr} (linear warm-up over {max(1, args.warmup or args.steps // 20)} steps, "
+        f"weight decay 0.1, clip 1.0), {args.steps} steps, seeds {', '.join(map(str, args.seeds))}, "
+        f"device {args.device}, "
         f"snapshot every {args.dense_every} steps up to step {args.dense_until}, then every {args.every}, "
         f"trained on the standard library's sources (last 10 % held out "
         "for the validation loss). Definitions of every figure: [lifecycle.md](lifecycle.md).",
         "",
         "## Runs",
         "",
-        "| L | train loss | val loss | train s | wave speed qk (blocks/1k) | R² | reversal qk | "
-        "reversal all | Δα all | α gradient all | inverted U (peak, conf) | asymmetry (run) | "
+        "| L | seed | train loss | val loss | train s | wave speed qk (blocks/1k) | R² | arrivals | "
+        "reversal qk | reversal all | Δα all | α gradient all | inverted U (peak, conf) | asymmetry (run) | "
         "τ fast / τ slow |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in runs:
         s = run.lifecycle.summary()  # with the per-layer timescale fits (the comparison skips them)
@@ -179,10 +226,10 @@ def write_doc(args: argparse.Namespace, runs: list[TrainedRun], comparison: Comp
         peak = f"{fmt(u.peak_depth, 2)} ({fmt(u.confidence, 2)})" if u.is_inverted_u else \
             f"no ({fmt(u.confidence, 2)})"
         lines.append(
-            f"| {run.depth} | {run.train_loss:.3f} | {run.val_loss:.3f} | {run.seconds:.0f} | "
-            f"{fmt(qk.wave_speed, 2)} | {fmt(qk.wave_r2, 2)} | "
-            f"{fmt(qk.reversal_step, 0) if qk.reversed else 'none'} | "
-            f"{fmt(all_.reversal_step, 0) if all_.reversed else 'none'} | {fmt(all_.delta_alpha)} | "
+            f"| {run.depth} | {run.seed} | {run.train_loss:.3f} | {run.val_loss:.3f} | {run.seconds:.0f} | "
+            f"{with_error(qk.wave_speed, qk.wave_speed_stderr)} | {fmt(qk.wave_r2, 2)} | "
+            f"{qk.wave_arrivals} | "
+            f"{reversal(qk)} | {reversal(all_)} | {fmt(all_.delta_alpha)} | "
             f"{fmt(all_.alpha_depth_gradient)} | {peak} | {fmt(s.qk_vo_asymmetry)} | "
             f"{fmt(all_.tau_fast, 0)} / {fmt(all_.tau_slow, 0)} |")
     fit = comparison.fit
@@ -211,22 +258,24 @@ def write_doc(args: argparse.Namespace, runs: list[TrainedRun], comparison: Comp
         "validation loss on 8 held-out batches. Spearman rho is between the importance `I_b` and the "
         "single-block removal loss increase.",
         "",
-        "| L | importance | Spearman rho (p) | spectral removes | loss | Last-N loss | "
-        "random loss (mean of 10) | oracle loss | ratio vs Last-N | ratio vs random |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| run | importance | Spearman rho (p) | spectral removes | loss | Last-N loss | "
+        "random loss (mean of 10) | oracle loss | ratio vs Last-N | ratio vs random | advice |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for depth, rows in pruning.items():
+    for name, rows in pruning.items():
         for method, r in rows:
+            advice = r.advice.text() if r.advice is not None else "-"
             lines.append(
-                f"| {depth} | {method} | {fmt(r.spearman_rho, 2)} ({fmt(r.spearman_p, 2)}) | "
+                f"| {name} | {method} | {fmt(r.spearman_rho, 2)} ({fmt(r.spearman_p, 2)}) | "
                 f"{list(r.spectral_blocks)} | {r.spectral_loss:.3f} | {r.last_loss:.3f} | "
                 f"{r.random_loss:.3f} | {r.oracle_loss:.3f} | {fmt(r.ratio_vs_last, 2)} | "
-                f"{fmt(r.ratio_vs_random, 2)} |")
+                f"{fmt(r.ratio_vs_random, 2)} | {advice} |")
     lines.append("")
-    for depth, rows in pruning.items():
+    for name, rows in pruning.items():
         r = rows[0][1]
-        lines.append(f"L = {depth}: loss with every block {r.baseline_loss:.4f}; single-block removal losses "
-                     + ", ".join(f"{b}: {v:.3f}" for b, v in enumerate(r.single_losses)) + ".")
+        lines.append(f"{name}: loss with every block {r.baseline_loss:.4f}; single-block removal increases "
+                     + ", ".join(f"{b}: {v - r.baseline_loss:.3f} ± {se:.3f}"
+                                 for b, (v, se) in enumerate(zip(r.single_losses, r.single_stderr))) + ".")
     lines += [
         "",
         "Ratios are loss-increase ratios `(L(other) - L_0) / (L(spectral) - L_0)`: above 1 the spectral "
@@ -252,15 +301,18 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     runs = []
     for depth in sorted(args.depths):
-        print(f"training L={depth}", flush=True)
-        run = train(depth, args, ids[:split], val)
-        run.lifecycle.history.to_json(out / f"history_L{depth}.json")
-        runs.append(run)
-    comparison = compare_histories([(f"L{r.depth}", r.lifecycle.history) for r in runs])
+        for seed in args.seeds:
+            print(f"training L={depth} seed {seed} on {args.device}", flush=True)
+            args.seed = seed
+            run = train(depth, args, ids[:split], val)
+            run.lifecycle.history.to_json(out / f"history_L{depth}_s{seed}.json")
+            runs.append(run)
+    comparison = compare_histories([(label(r), r.lifecycle.history) for r in runs])
     plot_comparison(comparison, out / "delta_alpha_vs_depth.png")
     deepest = runs[-1]
-    pruning = {r.depth: pruning_rows(r, val, max(1, r.depth // 4)) for r in runs if r.depth >= 4}
-    shown_pruning = dict(pruning[deepest.depth])["alpha_drop"] if deepest.depth in pruning else None
+    pruning = {label(r): pruning_rows(r, val, max(1, r.depth // 4)) for r in runs if r.depth >= 4}
+    method = LifecycleConfig().importance_method
+    shown_pruning = dict(pruning[label(deepest)])[method] if label(deepest) in pruning else None
     files = render_report(deepest.lifecycle.history, out, f"Spectral lifecycle: CharGPT L={deepest.depth}",
                           pruning=shown_pruning, stem=f"report_L{deepest.depth}")
     given = argv if argv is not None else sys.argv[1:]
@@ -272,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         doc.read_text() else "\n"
     doc.write_text(text.rstrip("\n") + kept)
     (out / "pruning.json").write_text(json.dumps(
-        {f"L{depth}/{m}": {"rho": r.spearman_rho, "ratio_vs_last": r.ratio_vs_last,
+        {f"{depth}/{m}": {"rho": r.spearman_rho, "ratio_vs_last": r.ratio_vs_last,
                            "ratio_vs_random": r.ratio_vs_random, "single_losses": list(r.single_losses),
                            "baseline": r.baseline_loss, "scores": r.importance.scores.tolist()}
          for depth, rows in pruning.items() for m, r in rows}, indent=1))

@@ -13,15 +13,19 @@ matrices m (roles q, k, v, o, mlp_* by default; NaN alphas are skipped):
   (``docs/reproduction.md``) the absolute alpha ranked the first block, by far the most important,
   as the least important (its alphas stay highest), while the drop predicted removal damage better.
 
-The advisor removes blocks in increasing order of ``I_b`` (ties: the later block first). These are
-pure functions of numbers; :mod:`spectral_plugins.lifecycle.pruning` does the model surgery and measurement.
+The advisor removes blocks in increasing order of ``I_b`` (ties: the later block first). Spectra
+alone cannot say whether that advice is worth following; with measured single-block removal costs
+and their standard errors (:func:`judge_advice`), the advice is marked unreliable when the costs of
+more than n candidate blocks are within noise of the cheapest (the "tie set"): then no ranking of
+them, spectral or other, is supported by the measurement. These are pure functions of numbers;
+:mod:`spectral_plugins.lifecycle.pruning` does the model surgery and measurement.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -67,11 +71,25 @@ class PruningAdvice:
         order: every candidate block, least important first.
         remove: the first ``n_remove`` of ``order``.
         importance: the scores the order came from.
+        reliable: None while no removal was measured; False when the measured removal costs of more
+            than ``n_remove`` candidates are within noise of the cheapest (:func:`judge_advice`).
+        reason: why the advice is unreliable or unverified ("" when reliable).
+        tie_set: the candidates whose measured cost is within noise of the cheapest.
     """
 
     order: tuple[int, ...]
     remove: tuple[int, ...]
     importance: BlockImportance
+    reliable: bool | None = None
+    reason: str = "not verified: no block removal was measured (see evaluate_pruning)"
+    tie_set: tuple[int, ...] = ()
+
+    def text(self) -> str:
+        """The advice in words: the order, or "no reliable advice" and why."""
+        if self.reliable is False:
+            return f"no reliable advice ({self.reason})"
+        order = ", ".join(str(d) for d in self.order)
+        return f"{order} ({self.reason})" if self.reason else order
 
 
 def block_importance(depths: Sequence[int | None], roles: Sequence[str], alphas: ArrayLike,
@@ -127,3 +145,32 @@ def advise_pruning(importance: BlockImportance, n_remove: int = 1,
     if not 0 <= n_remove <= len(order):
         raise ValueError(f"n_remove={n_remove} but only {len(order)} blocks can be removed")
     return PruningAdvice(order, order[:n_remove], importance)
+
+
+def tie_set(increases: Sequence[float], stderrs: Sequence[float], candidates: Iterable[int],
+            z: float = 2.0) -> tuple[int, ...]:
+    """Candidate blocks whose removal cost is within ``z`` combined standard errors of the cheapest:
+    ``dL_b - dL_min <= z sqrt(se_b^2 + se_min^2)`` (``increases[b]``, ``stderrs[b]`` per block)."""
+    inc = np.asarray(increases, dtype=np.float64)
+    se = np.nan_to_num(np.asarray(stderrs, dtype=np.float64), nan=0.0)
+    pool = [int(b) for b in candidates if math.isfinite(inc[int(b)])]
+    if not pool:
+        return ()
+    cheapest = min(pool, key=lambda b: inc[b])
+    return tuple(sorted(b for b in pool
+                        if inc[b] - inc[cheapest] <= z * math.hypot(se[b], se[cheapest])))
+
+
+def judge_advice(advice: PruningAdvice, increases: Sequence[float], stderrs: Sequence[float],
+                 z: float = 2.0) -> PruningAdvice:
+    """``advice`` marked reliable or not from measured single-block removal costs (module docs):
+    unreliable when the tie set (:func:`tie_set`) holds more than ``len(advice.remove)`` blocks."""
+    n = max(1, len(advice.remove))
+    ties = tie_set(increases, stderrs, advice.order, z)
+    if len(ties) > n:
+        inc = np.asarray(increases, dtype=np.float64)[list(ties)]
+        noise = float(np.nanmax(np.asarray(stderrs, dtype=np.float64)[list(ties)]))
+        reason = (f"removing any {n} of blocks {list(ties)} costs the same within noise: loss increases "
+                  f"{inc.min():.4f} to {inc.max():.4f}, standard errors up to {noise:.4f}")
+        return replace(advice, reliable=False, reason=reason, tie_set=ties)
+    return replace(advice, reliable=True, reason="", tie_set=ties)

@@ -37,9 +37,18 @@ from torch import nn
 from ..core.keys import lifecycle_key
 from ..core.snapshot import Snapshot
 from .history import SpectralHistory
-from .importance import BlockImportance, advise_pruning, importance_from_history, importance_from_snapshot
+from .importance import (
+    BlockImportance,
+    PruningAdvice,
+    advise_pruning,
+    importance_from_history,
+    importance_from_snapshot,
+    judge_advice,
+)
 
-EvalFn = Callable[[nn.Module], float]
+# ``eval_fn(model)`` returns the loss, or one loss per evaluation batch (then every loss difference
+# gets a paired standard error over the batches).
+EvalFn = Callable[[nn.Module], "float | Sequence[float]"]
 
 
 def find_blocks(model: nn.Module,
@@ -140,6 +149,12 @@ class PruningEvaluation:
         single_losses: (B,) ``L({b})`` per block b (NaN if not measured).
         importance: the scores the advice came from.
         spearman_rho / spearman_p: rank correlation of ``I_b`` with ``L({b}) - L_0`` and its p-value.
+        single_stderr: (B,) paired standard error of ``L({b}) - L_0`` over the evaluation batches
+            (NaN when ``eval_fn`` returns one number).
+        spectral_vs_last_stderr: paired standard error of ``L(last) - L(spectral)``.
+        advice: the advisor's output judged against the measured costs
+            (:func:`~spectral_plugins.lifecycle.importance.judge_advice`; unjudged without single
+            removals).
     """
 
     n_remove: int
@@ -157,6 +172,9 @@ class PruningEvaluation:
     importance: BlockImportance
     spearman_rho: float
     spearman_p: float
+    single_stderr: tuple[float, ...] = ()
+    spectral_vs_last_stderr: float = math.nan
+    advice: PruningAdvice | None = None
 
     @property
     def ratio_vs_last(self) -> float:
@@ -193,9 +211,21 @@ def _increase_ratio(other: float, spectral: float, baseline: float) -> float:
 
 def removal_loss(model: nn.Module, eval_fn: EvalFn, indices: Iterable[int],
                  blocks_path: str | None = None) -> float:
-    """``eval_fn(model)`` with the blocks ``indices`` skipped (no gradients)."""
+    """``eval_fn(model)`` with the blocks ``indices`` skipped (no gradients; per-batch losses averaged)."""
+    return float(np.mean(_batch_losses(model, eval_fn, indices, blocks_path)))
+
+
+def _batch_losses(model: nn.Module, eval_fn: EvalFn, indices: Iterable[int],
+                  blocks_path: str | None = None) -> np.ndarray:
     with skip_blocks(model, indices, blocks_path), torch.no_grad():
-        return float(eval_fn(model))
+        return np.atleast_1d(np.asarray(eval_fn(model), dtype=np.float64))
+
+
+def _paired_stderr(a: np.ndarray, b: np.ndarray) -> float:
+    """Standard error of ``mean(a - b)`` over paired batches (NaN with one batch)."""
+    if a.size < 2 or a.size != b.size:
+        return math.nan
+    return float(np.std(a - b, ddof=1) / math.sqrt(a.size))
 
 
 def evaluate_pruning(model: nn.Module, eval_fn: EvalFn, n_remove: int, *,
@@ -208,7 +238,9 @@ def evaluate_pruning(model: nn.Module, eval_fn: EvalFn, n_remove: int, *,
 
     Args:
         model: the model (left as it was found: every skip is undone).
-        eval_fn: ``eval_fn(model) -> loss`` (lower is better), e.g. mean cross-entropy on held-out data.
+        eval_fn: ``eval_fn(model) -> loss`` (lower is better), e.g. mean cross-entropy on held-out data,
+            or one loss per evaluation batch (then costs get paired standard errors and the advice is
+            judged reliable or not, :func:`~spectral_plugins.lifecycle.importance.judge_advice`).
         n_remove: blocks to remove per strategy.
         importance: block scores; else from ``history`` (settled alphas), else from ``snapshot``, else
             from a fresh :func:`spectral_plugins.core.engine.analyze` of the model.
@@ -233,27 +265,40 @@ def evaluate_pruning(model: nn.Module, eval_fn: EvalFn, n_remove: int, *,
                 snapshot = analyze(model)
             importance = importance_from_snapshot(snapshot, method or "alpha")
 
-    def loss(indices: Iterable[int]) -> float:
-        return removal_loss(model, eval_fn, indices, blocks_path)
+    def losses(indices: Iterable[int]) -> np.ndarray:
+        return _batch_losses(model, eval_fn, indices, blocks_path)
 
-    baseline = loss(())
-    spectral = advise_pruning(importance, n_remove, protect).remove
+    def loss(indices: Iterable[int]) -> float:
+        return float(np.mean(losses(indices)))
+
+    base = losses(())
+    baseline = float(np.mean(base))
+    advice = advise_pruning(importance, n_remove, protect)
+    spectral = advice.remove
     last = tuple(range(num_blocks - n_remove, num_blocks))
     rng = np.random.default_rng(seed)
     subsets = [tuple(sorted(int(i) for i in rng.choice(num_blocks, n_remove, replace=False)))
                for _ in range(n_random)]
     random_losses = tuple(loss(s) for s in subsets)
-    singles = tuple(loss((b,)) for b in range(num_blocks)) if single_removal else (math.nan,) * num_blocks
+    single_batches = [losses((b,)) for b in range(num_blocks)] if single_removal else []
+    singles = tuple(float(np.mean(x)) for x in single_batches) if single_removal else (math.nan,) * num_blocks
+    single_se = tuple(_paired_stderr(x, base) for x in single_batches) if single_removal else \
+        (math.nan,) * num_blocks
     oracle = tuple(sorted(int(i) for i in np.argsort(singles, kind="stable")[:n_remove])) \
         if single_removal else ()
     rho, p = _spearman(importance, np.asarray(singles) - baseline)
+    if single_removal:
+        advice = judge_advice(advice, np.asarray(singles) - baseline, single_se)
+    spectral_batches, last_batches = losses(spectral), losses(last)
     return PruningEvaluation(
         n_remove=n_remove, num_blocks=num_blocks, baseline_loss=baseline,
-        spectral_blocks=tuple(sorted(spectral)), spectral_loss=loss(spectral),
-        last_blocks=last, last_loss=loss(last), random_losses=random_losses,
+        spectral_blocks=tuple(sorted(spectral)), spectral_loss=float(np.mean(spectral_batches)),
+        last_blocks=last, last_loss=float(np.mean(last_batches)), random_losses=random_losses,
         random_loss=float(np.mean(random_losses)) if random_losses else math.nan,
         oracle_blocks=oracle, oracle_loss=loss(oracle) if oracle else math.nan,
-        single_losses=singles, importance=importance, spearman_rho=rho, spearman_p=p)
+        single_losses=singles, importance=importance, spearman_rho=rho, spearman_p=p,
+        single_stderr=single_se, spectral_vs_last_stderr=_paired_stderr(last_batches, spectral_batches),
+        advice=advice)
 
 
 def _spearman(importance: BlockImportance, increases: np.ndarray) -> tuple[float, float]:

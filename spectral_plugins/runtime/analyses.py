@@ -228,8 +228,7 @@ def lifecycle_text(result: Any) -> str:
     lines = [f"lifecycle over {result.num_blocks} blocks (step {result.step}); "
              f"Q/K vs V/O asymmetry {number(result.qk_vo_asymmetry, 4)}"]
     lines += [f"  {group_text(g)}" for g in result.groups]
-    order = ", ".join(str(d) for d in result.advice.order)
-    if order:
+    if result.advice.order:
         method = result.importance.method
-        lines.append(f"  pruning advice (least important block first, by {method}): {order}")
+        lines.append(f"  pruning advice (least important block first, by {method}): {result.advice.text()}")
     return "\n".join(lines)

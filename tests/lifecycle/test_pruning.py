@@ -14,6 +14,8 @@ from spectral_plugins.lifecycle.importance import (
     advise_pruning,
     block_importance,
     importance_from_history,
+    judge_advice,
+    tie_set,
 )
 from spectral_plugins.lifecycle.pruning import evaluate_pruning, find_blocks, removal_loss, skip_blocks
 from tests.synthetic import profile_history
@@ -199,3 +201,41 @@ def test_skip_blocks_on_llama() -> None:
             torch.testing.assert_close(model(x).logits, expected)
         torch.testing.assert_close(model(x).logits, before, rtol=0, atol=0)
     assert find_blocks(model)[0] == "model.layers"
+
+
+def test_tie_set_and_judged_advice_from_known_costs() -> None:
+    importance = BlockImportance(np.arange(4), np.array([4.0, 1.0, 2.0, 3.0]), "alpha")
+    advice = advise_pruning(importance, 1)
+    assert advice.reliable is None and "not verified" in advice.text()
+    # block 1 is clearly cheapest: 0.01 +- 0.001 against >= 0.05: a reliable ranking
+    clear = judge_advice(advice, [1.0, 0.01, 0.05, 0.06], [0.01, 0.001, 0.001, 0.001])
+    assert clear.reliable and clear.tie_set == (1,) and clear.text() == "1, 2, 3, 0"
+    # blocks 1-3 cost 0.010-0.013, each +- 0.003: which one to remove is undetermined
+    noisy = judge_advice(advice, [1.0, 0.010, 0.012, 0.013], [0.01, 0.003, 0.003, 0.003])
+    assert noisy.reliable is False and noisy.tie_set == (1, 2, 3)
+    assert noisy.text().startswith("no reliable advice (removing any 1 of blocks [1, 2, 3] costs the same")
+    assert tie_set([0.0, 0.1], [0.0, 0.0], (0, 1)) == (0,)
+    assert tie_set([0.0, 0.1], [0.04, 0.04], (0, 1)) == (0, 1)  # 0.1 <= 2 * sqrt(2) * 0.04
+
+
+def test_evaluate_pruning_with_per_batch_losses_judges_the_advice(toy) -> None:
+    model, x, target = toy
+    batches = x.split(8)
+    targets = target.split(8)
+
+    def per_batch(m: nn.Module) -> list[float]:
+        return [float(nn.functional.mse_loss(m(b), t)) for b, t in zip(batches, targets)]
+
+    planted = BlockImportance(np.arange(len(SCALES)), np.array(SCALES), "alpha")
+    result = evaluate_pruning(model, per_batch, 1, importance=planted, n_random=2)
+    se = np.asarray(result.single_stderr)
+    increases = np.asarray(result.single_losses) - result.baseline_loss
+    with torch.no_grad():  # Toy's own skip argument is an independent reference for the surgery
+        skipped = [[float(nn.functional.mse_loss(model(b, skip=(i,)), t)) for b, t in zip(batches, targets)]
+                   for i in range(len(SCALES))]
+    expected = [np.std(losses, ddof=1) / np.sqrt(8) for losses in skipped]
+    np.testing.assert_allclose(se, expected, rtol=1e-6)  # the baseline loss is 0 in every batch
+    assert result.advice is not None and result.advice.reliable is (
+        len(tie_set(increases, se, range(len(SCALES)))) <= 1)
+    assert result.advice.tie_set[0] == int(np.argmin(increases))
+    assert math.isfinite(result.spectral_vs_last_stderr)
