@@ -305,7 +305,9 @@ def test_plain_pytorch_multihead_attention() -> None:
     model = Net().eval()
     ids = torch.randint(0, 50, (2, 10), generator=torch.Generator().manual_seed(7))
     result = attention_bounds(model, ids)
-    assert result.caveats == ()
+    # the only caveat: two sequences are too few to calibrate gamma (section 3 of docs/attention.md)
+    assert len(result.caveats) == 1 and "fewer than 4 sequences" in result.caveats[0]
+    assert result.gamma_source == "default"
     for depth, layer in enumerate(result.layers):
         assert layer.norm_module == f"layers.{depth}.norm1" and layer.logit_scale == pytest.approx(8**-0.5)
         mha = model.layers[depth].self_attn
