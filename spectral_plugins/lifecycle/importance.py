@@ -4,14 +4,13 @@ Heavy-tailed self-regularisation reads a smaller power-law exponent alpha as a m
 correlated, better-trained matrix. The importance of block b, from the alphas ``alpha_m`` of its
 matrices m (roles q, k, v, o, mlp_* by default; NaN alphas are skipped):
 
-- ``method="alpha"``: ``I_b = -mean_{m in b} alpha_m`` (lower alpha, more important; the default for a
-  single snapshot, which has no earlier alphas);
+- ``method="alpha"``: ``I_b = -mean_{m in b} alpha_m`` (lower alpha, more important; the paper's
+  reading and the default, kept by the rule pre-registered in ``docs/reproduction.md``);
 - ``method="alpha_reversed"``: ``I_b = +mean_{m in b} alpha_m`` (the opposite reading, for comparison:
   which sign predicts removal damage on a given model is an empirical question);
 - ``method="alpha_drop"``: ``I_b = mean_{m in b} (alpha_m(first snapshot) - alpha_m(now))``, how much
-  training has lowered the block's alphas (needs a history; the default for one). On the demo model
-  (``docs/reproduction.md``) the absolute alpha ranked the first block, by far the most important,
-  as the least important (its alphas stay highest), while the drop predicted removal damage better.
+  training has lowered the block's alphas (needs a history). It was the default after one seed;
+  over 3 seeds x 3 depths it did not beat ``alpha`` (``docs/reproduction.md``).
 
 The advisor removes blocks in increasing order of ``I_b`` (ties: the later block first). Spectra
 alone cannot say whether that advice is worth following; with measured single-block removal costs
@@ -81,7 +80,7 @@ class PruningAdvice:
     remove: tuple[int, ...]
     importance: BlockImportance
     reliable: bool | None = None
-    reason: str = "not verified: no block removal was measured (see evaluate_pruning)"
+    reason: str = "not verified: no block removal was measured; see evaluate_pruning"
     tie_set: tuple[int, ...] = ()
 
     def text(self) -> str:
@@ -125,7 +124,7 @@ def importance_from_snapshot(snapshot: Snapshot, method: str = "alpha",
                             method=method, use_roles=use_roles)
 
 
-def importance_from_history(history: SpectralHistory, method: str = "alpha_drop", tail_fraction: float = 0.1,
+def importance_from_history(history: SpectralHistory, method: str = "alpha", tail_fraction: float = 0.1,
                             use_roles: Sequence[str] = BLOCK_ROLES,
                             stack: str | None = None) -> BlockImportance:
     """Importance from a history's settled alphas (mean over the last ``tail_fraction`` of snapshots),

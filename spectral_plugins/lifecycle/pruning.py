@@ -244,8 +244,8 @@ def evaluate_pruning(model: nn.Module, eval_fn: EvalFn, n_remove: int, *,
         n_remove: blocks to remove per strategy.
         importance: block scores; else from ``history`` (settled alphas), else from ``snapshot``, else
             from a fresh :func:`spectral_plugins.core.engine.analyze` of the model.
-        method: importance method for ``history`` / ``snapshot`` (default "alpha_drop" with a history,
-            "alpha" otherwise; see :mod:`spectral_plugins.lifecycle.importance`).
+        method: importance method for ``history`` / ``snapshot`` (default "alpha", the paper's;
+            see :mod:`spectral_plugins.lifecycle.importance`).
         blocks_path: module path of the blocks container (found automatically otherwise).
         n_random: random subsets to average. seed: their generator's seed.
         protect: blocks the advisor must not choose (the other strategies ignore it).
@@ -257,7 +257,7 @@ def evaluate_pruning(model: nn.Module, eval_fn: EvalFn, n_remove: int, *,
         raise ValueError(f"n_remove={n_remove} must be between 1 and {num_blocks - 1}")
     if importance is None:
         if history is not None:
-            importance = importance_from_history(history, method or "alpha_drop")
+            importance = importance_from_history(history, method or "alpha")
         else:
             if snapshot is None:
                 from ..core.engine import analyze

@@ -58,7 +58,7 @@ class LifecycleConfig:
     reversal_patience_steps: float = 100.0
     tail_fraction: float = 0.1
     inverted_u_level: float = 0.95
-    importance_method: str = "alpha_drop"
+    importance_method: str = "alpha"
     fit_timescales: bool = True
 
     def __post_init__(self) -> None:

@@ -121,11 +121,11 @@ def test_importance_and_advice_from_numbers() -> None:
 def test_importance_from_history() -> None:
     h = profile_history(np.array([3.0, 2.0, 4.0]))
     assert importance_from_history(h, method="alpha").removal_order() == (2, 0, 1)
-    drop = importance_from_history(h)  # the default, alpha_drop; constant in time: no drop anywhere
-    assert drop.method == "alpha_drop"
+    assert importance_from_history(h).method == "alpha"  # the default, pre-registered (docs/reproduction.md)
+    drop = importance_from_history(h, method="alpha_drop")  # constant in time: no drop anywhere
     np.testing.assert_allclose(drop.scores, 0.0)
     h.append_values(10_000, {"L00_q": [5.0, 1.0, 2.0, 7.0], "L02_q": [5.0, 3.9, 2.0, 7.0]})
-    drop = importance_from_history(h, tail_fraction=0.01)  # the last step only
+    drop = importance_from_history(h, method="alpha_drop", tail_fraction=0.01)  # the last step only
     assert drop.score(0) == pytest.approx(2.0)  # only L00_q has a value at that step: it fell by 2
     assert drop.score(2) == pytest.approx(0.1)
     assert math.isnan(drop.score(1))  # no alpha at all: removed last
