@@ -146,7 +146,7 @@ def advise_pruning(importance: BlockImportance, n_remove: int = 1,
     return PruningAdvice(order, order[:n_remove], importance)
 
 
-def tie_set(increases: Sequence[float], stderrs: Sequence[float], candidates: Iterable[int],
+def tie_set(increases: ArrayLike, stderrs: ArrayLike, candidates: Iterable[int],
             z: float = 2.0) -> tuple[int, ...]:
     """Candidate blocks whose removal cost is within ``z`` combined standard errors of the cheapest:
     ``dL_b - dL_min <= z sqrt(se_b^2 + se_min^2)`` (``increases[b]``, ``stderrs[b]`` per block)."""
@@ -160,7 +160,7 @@ def tie_set(increases: Sequence[float], stderrs: Sequence[float], candidates: It
                         if inc[b] - inc[cheapest] <= z * math.hypot(se[b], se[cheapest])))
 
 
-def judge_advice(advice: PruningAdvice, increases: Sequence[float], stderrs: Sequence[float],
+def judge_advice(advice: PruningAdvice, increases: ArrayLike, stderrs: ArrayLike,
                  z: float = 2.0) -> PruningAdvice:
     """``advice`` marked reliable or not from measured single-block removal costs (module docs):
     unreliable when the tie set (:func:`tie_set`) holds more than ``len(advice.remove)`` blocks."""
