@@ -195,7 +195,7 @@ def test_the_run_report_shows_every_stack(tmp_path):
     page = files.html.read_text()
     for label in ("encoder_qk", "decoder_qk", "encoder_all", "decoder_all"):
         assert f"<td>{label}</td>" in page
-    assert "Blocks in removal order (least important first, by alpha_drop): encoder " in page
+    assert "Blocks in removal order (least important first, by alpha): encoder " in page
     assert "; decoder " in page
     assert files.png.stat().st_size > 10_000
 
