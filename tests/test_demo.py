@@ -15,7 +15,7 @@ from spectral_plugins.demo.data import VOCAB, CharWindows, decode, encode, stdli
 from spectral_plugins.demo.model import CharGPT, GPTConfig
 from tests.adapters.test_lightning import restore_mlflow_globals
 from tests.adapters.test_wandb import reset_wandb, set_wandb_env
-from tests.tracker_readers import read_tensorboard_scalars, read_wandb_offline_run
+from tests.tracker_readers import read_tensorboard_images, read_tensorboard_scalars, read_wandb_offline_run
 
 TINY = GPTConfig(vocab_size=len(VOCAB), block_size=16, n_layer=2, n_head=2, d_model=32)
 
@@ -98,7 +98,7 @@ def test_a_short_demo_writes_all_three_trackers(tmp_path: Path, monkeypatch: pyt
     [version_dir] = result.tensorboard_dir.glob("chargpt/version_*")
     tensorboard = read_tensorboard_scalars(version_dir)
     assert [s for s, _ in tensorboard["spectral_alpha/L01_q"]] == [0, 2, 4]
-    assert "spectral_attention/interaction_norm/L00_attn" in tensorboard
+    assert "spectral_attention/logit_bound_rank_aware/L00_attn" in tensorboard
     with sqlite3.connect(tmp_path / "out" / "mlflow.db") as db:
         query = "select step from metrics where key = 'spectral_alpha/L01_q' order by step"
         steps = db.execute(query).fetchall()
@@ -106,3 +106,19 @@ def test_a_short_demo_writes_all_three_trackers(tmp_path: Path, monkeypatch: pyt
     wandb_run = read_wandb_offline_run(result.wandb_run_dir)
     assert [row["spectral/step"] for row in wandb_run.history if "spectral/step" in row] == [0, 2, 4]
     assert "per-layer spectra at step 4" in result.summary_text
+
+    # A readable default: each tracker receives at most 2 x (matrices) + 40 scalar series, and the
+    # lifecycle maps reach all three.
+    budget = 2 * len(map_model(CharGPT(TINY))) + 40
+    with sqlite3.connect(tmp_path / "out" / "mlflow.db") as db:
+        mlflow_keys = {key for (key,) in db.execute("select distinct key from metrics")}
+    wandb_keys = {key for row in wandb_run.history for key, value in row.items()
+                  if isinstance(value, (int, float)) and not key.startswith("_")}
+    tensorboard_all = read_tensorboard_scalars(version_dir)  # the HParams sub-run included
+    for keys in (mlflow_keys, wandb_keys, set(tensorboard_all)):
+        assert "spectral_alpha/L01_q" in keys and len(keys) <= budget, sorted(keys)
+    assert {"spectral_map/stable_rank", "spectral_map/alpha"} <= set(read_tensorboard_images(version_dir))
+    assert all(f"spectral_map/{m}" in wandb_run.history[-1] or any(f"spectral_map/{m}" in row
+               for row in wandb_run.history) for m in ("stable_rank", "alpha"))
+    artifacts = tmp_path / "out" / "mlartifacts"
+    assert {p.name for p in artifacts.rglob("spectral/maps/*.png")} == {"stable_rank.png", "alpha.png"}

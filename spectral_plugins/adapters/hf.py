@@ -70,7 +70,10 @@ class SpectralCallback(TrainerCallback, ExportableState):
 
     Args:
         every_n_steps: snapshot when ``state.global_step % every_n_steps == 0`` (>= 1).
-        metrics: metric names to publish (default: all).
+        metrics: per-matrix series to publish (default: alpha and stable rank; ``"all"``: every metric).
+        series: ``"headline"`` (default): the short list of lifecycle and attention series and
+            run-level figures; ``"all"``: every one
+            (see :class:`~spectral_plugins.runtime.tracker.SpectralTracker`).
         include, exclude, roles: which matrices and how to name their roles (see
             :func:`~spectral_plugins.core.model_map.map_model`).
         publishers: further sinks (any :class:`~spectral_plugins.runtime.publishing.Publisher`); a publisher
@@ -107,7 +110,8 @@ class SpectralCallback(TrainerCallback, ExportableState):
     def __init__(
         self,
         every_n_steps: int = 25,
-        metrics: Sequence[str] | None = None,
+        metrics: Sequence[str] | str | None = None,
+        series: str = "headline",
         include: Sequence[str] | str | None = None,
         exclude: Sequence[str] | str | None = None,
         roles: Mapping[str, str] | None = None,
@@ -123,14 +127,15 @@ class SpectralCallback(TrainerCallback, ExportableState):
         per_expert: bool = False,
         fast_every_n_steps: int | None = DEFAULT_FAST_EVERY_N_STEPS,
     ) -> None:
-        check_options(every_n_steps=every_n_steps, metrics=metrics, heatmap=heatmap, include=include,
-                      exclude=exclude, roles=roles, method=method, history=history, attention=attention,
-                      device=device, threads=threads, background=background,
+        check_options(every_n_steps=every_n_steps, metrics=metrics, series=series, heatmap=heatmap,
+                      include=include, exclude=exclude, roles=roles, method=method, history=history,
+                      attention=attention, device=device, threads=threads, background=background,
                       fast_every_n_steps=fast_every_n_steps)
         if report_to is not None:
             name_list("report_to", report_to)
         self.options: dict[str, Any] = dict(
-            every_n_steps=every_n_steps, metrics=metrics, include=include, exclude=exclude, roles=roles,
+            every_n_steps=every_n_steps, metrics=metrics, series=series, include=include, exclude=exclude,
+            roles=roles,
             method=method, heatmap=heatmap, history=history, attention=attention, device=device,
             threads=threads, background=background, per_expert=per_expert,
             fast_every_n_steps=fast_every_n_steps)

@@ -89,8 +89,9 @@ class LoggerPublisher:
         self.logger.log_metrics(report.scalars(), step=report.step)
 
     def publish_summary(self, summary: RunSummary) -> None:
-        if summary.summary_scalars:
-            self.logger.log_metrics(dict(summary.summary_scalars), step=summary.last.step)
+        headline = summary.headline_scalars()
+        if headline:
+            self.logger.log_metrics(headline, step=summary.last.step)
         self.logger.save()
 
     def close(self) -> None:
@@ -136,7 +137,10 @@ class SpectralMonitor(*_callback_bases()):  # type: ignore[misc]
 
     Args:
         every_n_steps: snapshot when ``trainer.global_step % every_n_steps == 0`` (>= 1).
-        metrics: metric names to publish (default: all).
+        metrics: per-matrix series to publish (default: alpha and stable rank; ``"all"``: every metric).
+        series: ``"headline"`` (default): the short list of lifecycle and attention series and
+            run-level figures; ``"all"``: every one
+            (see :class:`~spectral_plugins.runtime.tracker.SpectralTracker`).
         include, exclude, roles: which matrices and how to name their roles (see
             :func:`~spectral_plugins.core.model_map.map_model`); patterns see the LightningModule's names.
         publish_heatmaps: depth x role heatmap images: True (alpha and stable rank), False, or the
@@ -174,7 +178,8 @@ class SpectralMonitor(*_callback_bases()):  # type: ignore[misc]
     def __init__(
         self,
         every_n_steps: int = 25,
-        metrics: Sequence[str] | None = None,
+        metrics: Sequence[str] | str | None = None,
+        series: str = "headline",
         include: Sequence[str] | str | None = None,
         exclude: Sequence[str] | str | None = None,
         roles: Mapping[str, str] | None = None,
@@ -190,12 +195,13 @@ class SpectralMonitor(*_callback_bases()):  # type: ignore[misc]
         fast_every_n_steps: int | None = DEFAULT_FAST_EVERY_N_STEPS,
     ) -> None:
         super().__init__()
-        check_options(every_n_steps=every_n_steps, metrics=metrics, heatmap=publish_heatmaps, include=include,
-                      exclude=exclude, roles=roles, method=method, history=history, attention=attention,
-                      threads=threads, background=background, distributed=distributed,
+        check_options(every_n_steps=every_n_steps, metrics=metrics, series=series, heatmap=publish_heatmaps,
+                      include=include, exclude=exclude, roles=roles, method=method, history=history,
+                      attention=attention, threads=threads, background=background, distributed=distributed,
                       fast_every_n_steps=fast_every_n_steps, names={"heatmap": "publish_heatmaps"})
         self.options: dict[str, Any] = dict(
-            every_n_steps=every_n_steps, metrics=metrics, include=include, exclude=exclude, roles=roles,
+            every_n_steps=every_n_steps, metrics=metrics, series=series, include=include, exclude=exclude,
+            roles=roles,
             method=method, heatmap=publish_heatmaps, history=history, attention=attention, threads=threads,
             background=background, per_expert=per_expert, fast_every_n_steps=fast_every_n_steps)
         self.distributed = distributed

@@ -8,11 +8,14 @@ describes every key and artifact):
 - per step, every canonical scalar (``spectral_<metric>/<layer_key>``, ``spectral_lifecycle/...``)
   as a metric at the report's step, through ``log_batch`` in chunks of at most 1000 metrics;
 - per step and chosen metric, a heatmap PNG ``spectral/heatmaps/<metric>/step_000123.png``;
+- per step, the lifecycle maps ``spectral/maps/<metric>.png``, replaced in place (the artifact is
+  always the map up to the latest snapshot; the summary writes the final one);
 - the configuration as params ``spectral/<key>`` (stringified, cut to MLflow's 6000 characters);
 - at the summary: the final per-layer figures (the last step's metrics, so their latest value is
-  the final one: MLflow's run comparison and ``search_runs`` use each metric's latest value) and
-  the summary scalars as metrics at the last step, ``spectral/final_snapshot.json`` and
-  ``spectral/summary.md``.
+  the final one: MLflow's run comparison and ``search_runs`` use each metric's latest value), the
+  headline run-level figures as metrics ``spectral_run/...`` (one section in the UI, one value per
+  run: what the runs table and the compare view sort on), every run-level figure in
+  ``spectral/run_summary.json``, ``spectral/final_snapshot.json`` and ``spectral/summary.md``.
 
 A dead or stuck server never blocks training for long: every MLflow call runs on one daemon worker
 thread and the publisher waits at most ``timeout_s`` for it (raising ``TimeoutError``, which
@@ -24,7 +27,7 @@ call is still running, later calls fail at once instead of queueing behind it. T
 from __future__ import annotations
 
 import concurrent.futures
-import math
+import json
 import os
 import queue
 import tempfile
@@ -39,8 +42,9 @@ from ..runtime.publishing import RunSummary, StepReport, flatten_config
 
 __all__ = [
     "MAX_METRICS_PER_BATCH", "MAX_PARAMS_PER_BATCH", "MAX_PARAM_VALUE_LENGTH", "MAX_KEY_LENGTH",
-    "PARAM_PREFIX", "ARTIFACT_DIR", "HEATMAP_DIR", "FINAL_SNAPSHOT", "SUMMARY_TEXT",
-    "require_mlflow", "heatmap_artifact_path", "MlflowPublisher", "config_params", "summary_text",
+    "PARAM_PREFIX", "ARTIFACT_DIR", "HEATMAP_DIR", "MAP_DIR", "FINAL_SNAPSHOT", "SUMMARY_TEXT",
+    "RUN_SUMMARY", "require_mlflow", "heatmap_artifact_path", "map_artifact_path", "MlflowPublisher",
+    "config_params", "summary_text",
 ]
 
 if TYPE_CHECKING:
@@ -55,8 +59,10 @@ MAX_KEY_LENGTH = 250
 PARAM_PREFIX = "spectral/"
 ARTIFACT_DIR = "spectral"
 HEATMAP_DIR = f"{ARTIFACT_DIR}/heatmaps"
+MAP_DIR = f"{ARTIFACT_DIR}/maps"
 FINAL_SNAPSHOT = f"{ARTIFACT_DIR}/final_snapshot.json"
 SUMMARY_TEXT = f"{ARTIFACT_DIR}/summary.md"
+RUN_SUMMARY = f"{ARTIFACT_DIR}/run_summary.json"
 
 _T = TypeVar("_T")
 
@@ -73,6 +79,11 @@ def require_mlflow() -> None:
 def heatmap_artifact_path(metric: str, step: int) -> str:
     """``spectral/heatmaps/<metric>/step_000123.png``: zero-padded so that names sort by step."""
     return f"{HEATMAP_DIR}/{metric}/step_{step:06d}.png"
+
+
+def map_artifact_path(image_key: str) -> str:
+    """``spectral_map/<metric>`` -> ``spectral/maps/<metric>.png`` (one file, replaced at each step)."""
+    return f"{MAP_DIR}/{image_key.split('/', 1)[-1]}.png"
 
 
 class MlflowPublisher:
@@ -147,6 +158,7 @@ class MlflowPublisher:
         metrics = report.scalars()
         images = {heatmap_artifact_path(h.metric, report.step): h.to_png()
                   for h in report.heatmaps() if h.metric in self.heatmap_metrics}
+        images.update({map_artifact_path(key): image.to_png() for key, image in report.images.items()})
 
         def work() -> None:
             self._log_metrics(metrics, report.step, timestamp)
@@ -157,16 +169,18 @@ class MlflowPublisher:
             self._last_published_step = report.step
 
     def publish_summary(self, summary: RunSummary) -> None:
-        """Final figures and summary scalars as metrics at the last step; the final snapshot (JSON)
-        and the summary text as artifacts; the configuration as params if not logged yet."""
+        """Final figures and the headline run-level figures as metrics at the last step; the final
+        maps, the final snapshot (JSON), every run-level figure (JSON) and the summary text as
+        artifacts; the configuration as params if not logged yet."""
         last = summary.last
         timestamp = _now_ms()
         metrics = {} if self._last_published_step == last.step else last.scalars()
-        metrics.update({k: float(v) for k, v in summary.summary_scalars.items()
-                        if v is not None and math.isfinite(float(v))})
+        metrics.update(summary.headline_scalars())
         params = config_params(summary.config)
         files = {FINAL_SNAPSHOT: last.snapshot.to_json(indent=1).encode(),
-                 SUMMARY_TEXT: summary_text(summary).encode()}
+                 SUMMARY_TEXT: summary_text(summary).encode(),
+                 RUN_SUMMARY: json.dumps({"step": last.step, **summary.finite_scalars()}, indent=1).encode()}
+        files.update({map_artifact_path(key): image.to_png() for key, image in last.images.items()})
 
         def work() -> None:
             self._log_params(params)

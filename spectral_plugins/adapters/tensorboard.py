@@ -6,13 +6,18 @@ What it writes (``docs/tensorboard.md`` describes each panel):
 
 - scalars under the canonical keys ``spectral_<metric>/<layer_key>`` (one dashboard section per
   metric) plus the lifecycle / attention extras, at the report's step;
-- once per publisher, the whole custom-scalars layout: one category per metric with one multi-line
-  chart per role (``alpha · q`` = ``spectral_alpha/L\\d+_q$``), plus lifecycle and attention charts;
-- per step and chosen metric, a depth x role heatmap image ``spectral_heatmap/<metric>``;
+- once per publisher, the whole custom-scalars layout in reading order: the lifecycle category first,
+  then one category per metric with one multi-line chart per role group (``alpha · qk`` =
+  ``spectral_alpha/L\\d+_(q|k)$``), then attention;
+- per step, the lifecycle maps ``spectral_map/<metric>`` (depth x step, wave front drawn over it) and,
+  per chosen metric, a depth x role heatmap image ``spectral_heatmap/<metric>`` on a colour scale
+  fixed for the whole run;
 - optionally (``histograms=True``) the log10-eigenvalue histogram of every matrix whose snapshot
   carries its spectrum, ``spectral_log10_eigenvalues/<layer_key>``;
-- at the summary: a markdown text panel ``spectral_summary`` (final per-layer table, summary text)
-  and the summary scalars at the last step.
+- at the summary: a markdown text panel ``spectral_summary`` (summary text, final per-layer table,
+  every run-level figure) and, for the HParams dashboard, one session in the sub-run
+  ``<log_dir>/spectral_run`` with the spectral configuration as hparams and the headline run-level
+  figures ``spectral_run/...`` as its metrics (never as series of the main run).
 
 ``add_scalars`` is never used (it creates one sub-run directory per line). The tracker is imported
 when a publisher is constructed, never when ``spectral_plugins`` is imported.
@@ -20,7 +25,6 @@ when a publisher is constructed, never when ``spectral_plugins`` is imported.
 
 from __future__ import annotations
 
-import math
 import re
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -30,14 +34,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..core.heatmap import BLOCK_ROLES
-from ..core.keys import ATTENTION_SECTION, LIFECYCLE_SECTION, MATRIX_PREFIX
+from ..core.keys import ATTENTION_SECTION, LIFECYCLE_SECTION, MATRIX_PREFIX, RUN_SECTION
 from ..core.options import metric_list
 from ..core.snapshot import Snapshot
-from ..runtime.analyses import fmt
+from ..lifecycle.history import ROLE_GROUPS
+from ..runtime.analyses import HEADLINE_LIFECYCLE, fmt
 from ..runtime.publishing import RunSummary, StepReport, flatten_config
 
 __all__ = [
-    "HEATMAP_SECTION", "HISTOGRAM_SECTION", "SUMMARY_TAG", "CONFIG_TAG", "LIFECYCLE_CHARTS",
+    "HEATMAP_SECTION", "HISTOGRAM_SECTION", "SUMMARY_TAG", "CONFIG_TAG", "HPARAMS_RUN", "LIFECYCLE_CHARTS",
     "require_tensorboard", "TensorBoardPublisher", "custom_scalars_layout", "summary_markdown",
 ]
 
@@ -48,12 +53,16 @@ HEATMAP_SECTION = "spectral_heatmap"
 HISTOGRAM_SECTION = "spectral_log10_eigenvalues"
 SUMMARY_TAG = "spectral_summary"
 CONFIG_TAG = "spectral_config"
+HPARAMS_RUN = RUN_SECTION  # the sub-run holding the HParams session
 # Per-step lifecycle signals (``spectral_lifecycle/<name>/<group>``) that get a chart in the layout
-# even when the first report does not have them yet (most are undefined at the first snapshot).
-LIFECYCLE_CHARTS: tuple[str, ...] = (
-    "qk_vo_asymmetry", "wave_front_depth", "wave_front_speed", "nsr_mean", "nsr_depth_order",
-    "wave_reversed", "wave_reversal_step", "delta_alpha", "alpha_depth_gradient",
-)
+# even when the first report does not have them yet (most are undefined at the first snapshot), in
+# reading order: the wave, the compression, the alpha gradient, the asymmetry.
+LIFECYCLE_CHARTS: tuple[str, ...] = tuple(dict.fromkeys(key.split("/")[1] for key in HEADLINE_LIFECYCLE))
+# The other per-step signals, charted when the run publishes every series (``series="all"``).
+MORE_LIFECYCLE_CHARTS: tuple[str, ...] = (
+    "wave_front_speed", "nsr_depth_order", "wave_reversed", "wave_reversal_step")
+# Role groups charted per metric, in reading order (a group without matrices gets no chart).
+CHART_GROUPS: tuple[str, ...] = ("qk", "vo", "mlp")
 # The columns of the final per-layer table, besides the published metrics.
 _TABLE_FIELDS = ("key", "depth", "role", "shape")
 
@@ -125,7 +134,8 @@ class TensorBoardPublisher:
         self.writer.flush()
 
     def publish_step(self, report: StepReport) -> None:
-        """Scalars, (once) the custom-scalars layout, heatmap images and optional histograms."""
+        """Scalars, (once) the custom-scalars layout, lifecycle maps, heatmap images and optional
+        histograms."""
         step = report.step
         scalars = report.scalars()
         if not report.full:  # a fast-lane step: its scalars only
@@ -137,6 +147,8 @@ class TensorBoardPublisher:
             self._layout_written = True
         for key, value in scalars.items():
             self.writer.add_scalar(key, value, step)
+        for key, image in report.images.items():
+            self.writer.add_image(key, image.to_rgb(), step, dataformats="HWC")
         for heatmap in report.heatmaps():
             if heatmap.metric in self.heatmap_metrics:
                 self.writer.add_image(f"{HEATMAP_SECTION}/{heatmap.metric}", heatmap.to_rgb(), step,
@@ -146,13 +158,14 @@ class TensorBoardPublisher:
         self.writer.flush()
 
     def publish_summary(self, summary: RunSummary) -> None:
-        """A markdown text panel with the final per-layer table and summary text; the summary
-        scalars at the last step."""
+        """A markdown text panel with the summary text, the final per-layer table and every run-level
+        figure; an HParams session (sub-run ``spectral_run``) with the headline run-level figures."""
         last = summary.last
         self.writer.add_text(SUMMARY_TAG, summary_markdown(summary), last.step)
-        for key, value in summary.summary_scalars.items():
-            if value is not None and math.isfinite(float(value)):
-                self.writer.add_scalar(key, float(value), last.step)
+        headline = summary.headline_scalars()
+        if headline:
+            hparams = {key: _hparam_value(value) for key, value in flatten_config(summary.config)}
+            self.writer.add_hparams(hparams, headline, run_name=HPARAMS_RUN, global_step=last.step)
         self.writer.flush()
 
     def close(self) -> None:
@@ -183,34 +196,48 @@ def custom_scalars_layout(snapshot: Snapshot, metrics: Iterable[str],
                           scalars: Mapping[str, float] | None = None) -> dict[str, dict[str, list[Any]]]:
     """The whole custom-scalars layout for ``SummaryWriter.add_custom_scalars``.
 
-    One category ``spectral_<metric>`` per metric with one multi-line chart per role present in
-    the blocks (``alpha · q`` over ``spectral_alpha/L\\d+_q$``; per stack and role in a model of
-    several stacks: ``alpha · encoder q``) and one for the matrices outside the
-    blocks (``alpha · embed+lm_head``); a ``spectral_lifecycle`` category with one chart per signal
-    (every role group on it); a ``spectral_attention`` category with one chart per attention
-    quantity found in ``scalars``. Chart regexes are matched from the start of the tag
-    (TensorBoard uses ``re.match``).
+    In reading order (TensorBoard shows categories in the order written): a ``spectral_lifecycle``
+    category with one chart per signal (every role group a line), the headline signals first; one
+    category ``spectral_<metric>`` per metric with one multi-line chart per role group present in
+    the blocks (``alpha · qk`` over ``spectral_alpha/L\\d+_(q|k)$``: every query and key projection
+    over depth; per stack in a model of several stacks: ``alpha · encoder qk``), one for the other
+    block roles if any, and one for the matrices outside the blocks (``alpha · embed+lm_head``); a
+    ``spectral_attention`` category with one chart per attention quantity found in ``scalars``.
+    Chart regexes are matched from the start of the tag (TensorBoard uses ``re.match``).
     """
     scalars = scalars or {}
     stacks = list(dict.fromkeys(la.stack for la in snapshot if la.depth is not None))
-    role_regex = {(f"{stack} " if stack else "") + role: _role_regex(snapshot, role, stack)
-                  for stack in stacks for role in BLOCK_ROLES
-                  if any(la.role == role and la.depth is not None and la.stack == stack for la in snapshot)}
+    group_regex: dict[str, str] = {}
+    for stack in stacks:
+        present = {la.role for la in snapshot if la.depth is not None and la.stack == stack}
+        label = f"{stack} " if stack else ""
+        grouped: set[str] = set()
+        for group in CHART_GROUPS:
+            roles = [r for r in ROLE_GROUPS[group] if r in present]
+            if roles:
+                group_regex[label + group] = _roles_regex(snapshot, roles, stack)
+                grouped |= set(roles)
+        rest = [r for r in BLOCK_ROLES if r in present and r not in grouped]
+        if rest:
+            group_regex[label + "other"] = _roles_regex(snapshot, rest, stack)
     outside = [la.key for la in snapshot if la.depth is None]
     layout: dict[str, dict[str, list[Any]]] = {}
+    seen = {_name_after(key, LIFECYCLE_SECTION) for key in scalars if key.startswith(LIFECYCLE_SECTION + "/")}
+    # A first step with more than the headline signals means every series is published: chart the
+    # signals that are undefined at the first snapshot too (the layout is written only once).
+    more = MORE_LIFECYCLE_CHARTS if seen - set(LIFECYCLE_CHARTS) else ()
+    lifecycle = list(dict.fromkeys([*LIFECYCLE_CHARTS, *more, *sorted(seen)]))
+    layout[LIFECYCLE_SECTION] = {
+        f"lifecycle · {name}": ["Multiline", [f"{LIFECYCLE_SECTION}/{re.escape(name)}(/[^/]+)?$"]]
+        for name in lifecycle}
     for metric in metrics:
         prefix = re.escape(f"{MATRIX_PREFIX}{metric}/")
-        charts = {f"{metric} · {role}": ["Multiline", [prefix + regex]] for role, regex in role_regex.items()}
+        charts = {f"{metric} · {group}": ["Multiline", [prefix + regex]]
+                  for group, regex in group_regex.items()}
         if outside:
             alternatives = "|".join(re.escape(key) for key in outside)
             charts[f"{metric} · {'+'.join(outside)}"] = ["Multiline", [f"{prefix}({alternatives})$"]]
         layout[f"{MATRIX_PREFIX}{metric}"] = charts
-    lifecycle = list(LIFECYCLE_CHARTS) + sorted(
-        {_name_after(key, LIFECYCLE_SECTION) for key in scalars if key.startswith(LIFECYCLE_SECTION + "/")}
-        - set(LIFECYCLE_CHARTS))
-    layout[LIFECYCLE_SECTION] = {
-        f"lifecycle · {name}": ["Multiline", [f"{LIFECYCLE_SECTION}/{re.escape(name)}(/[^/]+)?$"]]
-        for name in lifecycle}
     attention = sorted({_name_after(key, ATTENTION_SECTION) for key in scalars
                         if key.startswith(ATTENTION_SECTION + "/")})
     if attention:
@@ -235,19 +262,26 @@ def summary_markdown(summary: RunSummary) -> str:
     parts.append(f"**Final per-layer metrics (step {last.step})**\n\n"
                  + _markdown_table((*_TABLE_FIELDS, *metrics), rows))
     if summary.summary_scalars:
-        parts.append("**Run summary**\n\n" + _markdown_table(
+        parts.append("**Run-level figures**\n\n" + _markdown_table(
             ("key", "value"), [(k, _format(v)) for k, v in summary.summary_scalars.items()]))
     return "\n\n".join(parts)
 
 
-def _role_regex(snapshot: Snapshot, role: str, stack: str | None = None) -> str:
-    """Layer keys of ``role`` inside the blocks (of one stack): ``L\\d+_q$`` (``encoder_L\\d+_q$``), or
-    with the suffix the model map adds when two matrices of one block share a role (``L03_q_c_attn``)."""
-    keys = [la.key for la in snapshot if la.role == role and la.depth is not None and la.stack == stack]
+def _roles_regex(snapshot: Snapshot, roles: Sequence[str], stack: str | None = None) -> str:
+    """Layer keys of ``roles`` inside the blocks (of one stack): ``L\\d+_(q|k)$`` (``encoder_L\\d+_(q|k)$``),
+    or with the suffix the model map adds when two matrices of one block share a role (``L03_q_c_attn``)."""
+    wanted = set(roles)
+    keys = [la.key for la in snapshot if la.role in wanted and la.depth is not None and la.stack == stack]
     start = f"{re.escape(stack)}_" if stack else ""
-    if all(re.fullmatch(rf"{start}L\d+_{role}", key) for key in keys):
-        return rf"{start}L\d+_{role}$"
-    return rf"{start}L\d+_{role}(_\w+)?$"
+    alternatives = "|".join(re.escape(r) for r in roles)
+    if all(re.fullmatch(rf"{start}L\d+_({alternatives})", key) for key in keys):
+        return rf"{start}L\d+_({alternatives})$"
+    return rf"{start}L\d+_({alternatives})(_\w+)?$"
+
+
+def _hparam_value(value: Any) -> Any:
+    """A value TensorBoard's HParams accepts (numbers, strings, booleans)."""
+    return value if isinstance(value, (bool, int, float, str)) else str(value)
 
 
 def _name_after(key: str, section: str) -> str:

@@ -6,13 +6,16 @@ before the first ``/``):
 - ``spectral_<metric>/<layer>``: one line chart per matrix and metric, x axis ``spectral/step`` (the
   training step, logged inside each row), run summary ``min`` for the rank metrics, else ``last``;
 - ``spectral_lifecycle/...`` and ``spectral_attention/...``: the analyses' scalars, same x axis;
-- ``spectral_heatmap/<metric>``: a depth x role heatmap image per snapshot (step slider);
+- ``spectral_map/<metric>``: the lifecycle map (depth x step, wave front over it) per snapshot;
+- ``spectral_heatmap/<metric>``: a depth x role heatmap image per snapshot (step slider), on one
+  colour scale for the whole run;
 - ``spectral_table/layers``: a table of the latest per-layer metrics (``spectral_table/<name>`` for
-  the analyses' tables, such as per-head attention bounds);
+  the analyses' tables, such as per-head attention bounds), every ``media_every`` snapshots;
 - ``spectral_depth/<metric>``: a line-series chart of the metric over depth, one line per role, for
-  the latest snapshot;
-- the run summary: the final lifecycle figures, the summary text (``spectral_summary/text``) and the
-  final per-layer table (``spectral_summary/layers``); the configuration under ``config.spectral``.
+  the latest snapshot, every ``media_every`` snapshots;
+- the run summary: every run-level figure ``spectral_run/...``, the summary text
+  (``spectral_summary/text``) and the final per-layer table (``spectral_summary/layers``); the
+  configuration under ``config.spectral``.
 
 ``wandb`` is imported when a publisher is created; it works the same in offline mode.
 """
@@ -25,7 +28,7 @@ from typing import Any
 
 from ..core.keys import STEP_KEY
 from ..core.metrics import METRICS
-from ..core.options import metric_list
+from ..core.options import metric_list, positive_int
 from ..runtime.publishing import RunSummary, StepReport
 
 __all__ = [
@@ -71,9 +74,13 @@ class WandbPublisher:
             offers; ``()``: none).
         table: log ``spectral_table/layers`` (the latest per-layer metrics) at each snapshot.
         depth_plots: metrics to chart over depth (True: every published metric; False: none).
+        media_every: log the tables and depth charts at every ``media_every``-th snapshot (1: each
+            one) and at the end of the run. Each costs a W&B table file per snapshot, so a long run
+            with many snapshots may want 5 or 10; images are logged at every snapshot.
 
     Raises:
         ModuleNotFoundError: wandb is not installed.
+        ValueError: ``media_every < 1``.
     """
 
     name = "wandb"
@@ -84,7 +91,9 @@ class WandbPublisher:
         heatmap_metrics: Sequence[str] | None = None,
         table: bool = True,
         depth_plots: bool | Sequence[str] = True,
+        media_every: int = 1,
     ) -> None:
+        positive_int("media_every", media_every)
         self._wandb = import_wandb()
         self._run = run
         self.heatmap_metrics = None if heatmap_metrics is None else metric_list(
@@ -92,6 +101,9 @@ class WandbPublisher:
         self.table = table
         self.depth_plots = depth_plots if isinstance(depth_plots, bool) else metric_list(
             "depth_plots", depth_plots, allow_empty=True)
+        self.media_every = media_every
+        self._snapshots = 0
+        self._media_step: int | None = None  # the step of the last tables and depth charts
         self._defined: set[str] = set()
         self._defined_for: Any = None
 
@@ -115,19 +127,22 @@ class WandbPublisher:
             self._define(run, row)
             run.log(row)
             return
+        row.update({key: self._wandb.Image(image.to_rgb(), caption=f"{key} up to step {report.step}")
+                    for key, image in report.images.items()})
         row.update(self._heatmaps(report))
-        if self.table:
-            row[f"{TABLE_SECTION}/layers"] = self._layer_table(report)
-        for name, rows in report.tables.items():
-            row[f"{TABLE_SECTION}/{name}"] = self._rows_table(rows)
-        row.update(self._depth_plots(report))
+        if self._snapshots % self.media_every == 0:
+            row.update(self._media(report))
+        self._snapshots += 1
         self._define(run, row)
         run.log(row)
 
     def publish_summary(self, summary: RunSummary) -> None:
         run = self.run
-        final = {key: value for key, value in summary.summary_scalars.items() if math.isfinite(value)}
-        run.summary.update({**final, f"{SUMMARY_SECTION}/text": summary.text,
+        if self._media_step != summary.last.step and self._snapshots:  # the end of the run always has them
+            row = {STEP_KEY: summary.last.step, **self._media(summary.last)}
+            self._define(run, row)
+            run.log(row)
+        run.summary.update({**summary.finite_scalars(), f"{SUMMARY_SECTION}/text": summary.text,
                             f"{SUMMARY_SECTION}/step": summary.last.step,
                             f"{SUMMARY_SECTION}/layers": self._layer_table(summary.last)})
 
@@ -135,6 +150,17 @@ class WandbPublisher:
         """Nothing to release: the run belongs to the caller (or to Lightning's WandbLogger)."""
 
     # ------------------------------------------------------------------ panels
+    def _media(self, report: StepReport) -> dict[str, Any]:
+        """The tables and depth charts of a report (the heavy media)."""
+        media: dict[str, Any] = {}
+        if self.table:
+            media[f"{TABLE_SECTION}/layers"] = self._layer_table(report)
+        for name, rows in report.tables.items():
+            media[f"{TABLE_SECTION}/{name}"] = self._rows_table(rows)
+        media.update(self._depth_plots(report))
+        self._media_step = report.step
+        return media
+
     def _define(self, run: Any, row: Mapping[str, Any]) -> None:
         """Exact-key ``define_metric`` for each new key: WandbLogger's ``"*"`` glob comes first and a
         later glob would be ignored, and ``run.log(step=...)`` would drop rows below the run's step."""

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -16,11 +18,63 @@ from .snapshot import Snapshot
 BLOCK_ROLES: tuple[str, ...] = tuple(r for r in ROLES if r not in ("embed", "pos_embed", "lm_head"))
 
 
+# Fixed colour ranges by metric (linear): alpha's band of Martin & Mahoney / WeightWatcher, where 2-6
+# is "well trained"; values outside are clipped and the colour bar shows arrows.
+FIXED_RANGES: dict[str, tuple[float, float]] = {"alpha": (1.5, 6.0)}
+# Other metrics: a log scale from the first snapshot's smallest value / 30 to its largest x 1.5, so
+# a compression by up to ~30x (the demo's stable rank falls ~20x) stays inside the range.
+LOG_RANGE_BELOW, LOG_RANGE_ABOVE = 30.0, 1.5
+
+
+@dataclass(frozen=True)
+class ColourScale:
+    """One colour range kept for a whole run, so that a step slider compares colours.
+
+    Attributes:
+        low, high: the ends of the scale (values beyond are drawn in the end colours).
+        log: a logarithmic scale.
+    """
+
+    low: float
+    high: float
+    log: bool = False
+
+    def norm(self) -> Any:
+        """The matplotlib ``Normalize`` / ``LogNorm`` of this scale."""
+        from matplotlib.colors import LogNorm, Normalize
+
+        return (LogNorm if self.log else Normalize)(vmin=self.low, vmax=self.high, clip=False)
+
+    def to_state(self) -> list[Any]:
+        return [self.low, self.high, self.log]
+
+
+def colour_scales(snapshot: Snapshot, metrics: tuple[str, ...] | list[str]) -> dict[str, ColourScale]:
+    """The run-long colour scale of each metric, set from its first snapshot (see :data:`FIXED_RANGES`)."""
+    scales = {}
+    for metric in metrics:
+        if metric in FIXED_RANGES:
+            scales[metric] = ColourScale(*FIXED_RANGES[metric])
+            continue
+        values = np.array([layer.metric(metric) for layer in snapshot.layers if layer.depth is not None])
+        values = values[np.isfinite(values)]
+        if values.size == 0:
+            continue
+        low, high = float(values.min()), float(values.max())
+        if low > 0:
+            scales[metric] = ColourScale(low / LOG_RANGE_BELOW, high * LOG_RANGE_ABOVE, log=True)
+        else:
+            span = max(high - low, abs(high), 1e-12)
+            scales[metric] = ColourScale(low - span, high + span)
+    return scales
+
+
 @dataclass(frozen=True)
 class Heatmap:
     """``values[d, r]`` is ``metric`` of the matrix at depth ``depths[d]`` (of stack ``stacks[d]`` in a
     model of several stacks: one row per stack and depth) with role ``roles[r]`` (NaN where the model
-    has no such matrix; the mean where several share a cell, e.g. the experts of a mixture)."""
+    has no such matrix; the mean where several share a cell, e.g. the experts of a mixture); ``scale``
+    is the run-long colour scale (None: this grid's own range)."""
 
     metric: str
     step: int | None
@@ -28,6 +82,7 @@ class Heatmap:
     roles: tuple[str, ...]
     values: np.ndarray
     stacks: tuple[str | None, ...] = ()
+    scale: ColourScale | None = None
 
     @property
     def row_labels(self) -> tuple[str, ...]:
@@ -53,8 +108,11 @@ class Heatmap:
         return encode_png(self.to_rgb())
 
 
-def heatmaps(snapshot: Snapshot, metrics: tuple[str, ...] | list[str]) -> list[Heatmap]:
-    """One :class:`Heatmap` per metric over the snapshot's block matrices."""
+def heatmaps(snapshot: Snapshot, metrics: tuple[str, ...] | list[str],
+             scales: Mapping[str, ColourScale] | None = None) -> list[Heatmap]:
+    """One :class:`Heatmap` per metric over the snapshot's block matrices, each drawn on its scale of
+    ``scales`` (when given)."""
+    scales = scales or {}
     block_layers = [(layer.depth, layer) for layer in snapshot.layers if layer.depth is not None]
     if not block_layers:
         return []
@@ -77,36 +135,55 @@ def heatmaps(snapshot: Snapshot, metrics: tuple[str, ...] | list[str]) -> list[H
                 count[row[layer.stack, depth], col[layer.role]] += 1
         with np.errstate(invalid="ignore"):
             values = np.where(count > 0, total / np.maximum(count, 1), np.nan)
-        result.append(Heatmap(metric, snapshot.step, depths, roles, values, stacks))
+        result.append(Heatmap(metric, snapshot.step, depths, roles, values, stacks, scales.get(metric)))
     return result
 
 
-def _render_matplotlib(heatmap: Heatmap) -> np.ndarray:
+def render_figure(draw: Callable[[Any], None], figsize: tuple[float, float], dpi: int = 100,
+                  tight: bool = False) -> np.ndarray:
+    """Draw on a fresh matplotlib ``Figure`` (Agg canvas, no pyplot: the user's backend and pyplot
+    state are never touched) and return the pixels as an (H, W, 3) uint8 array. ``tight``: apply
+    ``tight_layout`` (else ``draw`` places its axes itself)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    height = max(2.5, 0.3 * len(heatmap.depths) + 1.2)
-    figure = Figure(figsize=(1.0 + 0.7 * len(heatmap.roles), height), dpi=100)
-    axes = figure.add_subplot()
-    image = axes.imshow(np.ma.masked_invalid(heatmap.values), aspect="auto", cmap="viridis")
-    axes.set_xticks(range(len(heatmap.roles)), heatmap.roles, rotation=45, ha="right", fontsize=8)
-    axes.set_yticks(range(len(heatmap.depths)), heatmap.row_labels, fontsize=8)
-    axes.set_ylabel("depth")
-    step = "" if heatmap.step is None else f" @ step {heatmap.step}"
-    axes.set_title(f"{heatmap.metric}{step}", fontsize=9)
-    figure.colorbar(image, ax=axes)
-    figure.tight_layout()
+    figure = Figure(figsize=figsize, dpi=dpi)
     canvas = FigureCanvasAgg(figure)
+    draw(figure)
+    if tight:
+        figure.tight_layout()
     canvas.draw()
     rgb: np.ndarray = np.asarray(canvas.buffer_rgba())[..., :3].copy()
     return rgb
 
 
+def _render_matplotlib(heatmap: Heatmap) -> np.ndarray:
+    def draw(figure: Any) -> None:
+        axes = figure.add_subplot()
+        norm = heatmap.scale.norm() if heatmap.scale is not None else None
+        image = axes.imshow(np.ma.masked_invalid(heatmap.values), aspect="auto", cmap="viridis", norm=norm)
+        axes.set_xticks(range(len(heatmap.roles)), heatmap.roles, rotation=45, ha="right", fontsize=8)
+        axes.set_yticks(range(len(heatmap.depths)), heatmap.row_labels, fontsize=8)
+        axes.set_ylabel("depth")
+        step = "" if heatmap.step is None else f" @ step {heatmap.step}"
+        axes.set_title(f"{heatmap.metric}{step}", fontsize=9)
+        figure.colorbar(image, ax=axes, extend="neither" if heatmap.scale is None else "both")
+
+    height = max(2.5, 0.3 * len(heatmap.depths) + 1.2)
+    return render_figure(draw, (1.0 + 0.7 * len(heatmap.roles), height), tight=True)
+
+
 def _render_cells(heatmap: Heatmap, cell: int) -> np.ndarray:
     values = heatmap.values
     finite = np.isfinite(values)
-    low, high = (values[finite].min(), values[finite].max()) if finite.any() else (0.0, 1.0)
-    scaled = np.where(finite, (values - low) / (high - low if high > low else 1.0), 0.0)
+    if heatmap.scale is not None:
+        low, high = heatmap.scale.low, heatmap.scale.high
+        if heatmap.scale.log:
+            values = np.log(np.where(finite & (values > 0), values, low))
+            low, high = math.log(low), math.log(high)
+    else:
+        low, high = (values[finite].min(), values[finite].max()) if finite.any() else (0.0, 1.0)
+    scaled = np.clip(np.where(finite, (values - low) / (high - low if high > low else 1.0), 0.0), 0.0, 1.0)
     # A two-stop blue -> yellow ramp; missing cells grey.
     rgb = np.stack([scaled * 253 + 68 * (1 - scaled), scaled * 231 + 1 * (1 - scaled),
                     37 * scaled + 84 * (1 - scaled)], axis=-1)

@@ -5,7 +5,11 @@ Every tracker shows the same names:
 - per matrix: ``spectral_<metric>/<layer_key>``, where ``layer_key`` is ``L03_q``, ``L03_mlp_in``,
   ``embed``, ``lm_head``... (depth zero-padded so that sorting by name sorts by depth); a model of
   several stacks prefixes the stack: ``encoder_L03_q``, ``decoder_L01_cross_k``, ``vision_pos_embed``;
-- lifecycle summaries: ``spectral_lifecycle/<name>``;
+- lifecycle signals per step: ``spectral_lifecycle/<name>`` or ``spectral_lifecycle/<name>/<group>``;
+- run-level figures (one value per run, never a time series): ``spectral_run/<name>[_<group>]``, one
+  ``/`` only, so that MLflow (which sections by the prefix before the *last* ``/``) shows them in one
+  section as W&B and TensorBoard do;
+- lifecycle map images: ``spectral_map/<metric>``;
 - attention bounds: ``spectral_attention/<name>/<layer_key>``.
 
 Keys use only letters, digits, ``_`` and ``/``: a ``.`` breaks W&B's ``define_metric`` globs, and
@@ -19,6 +23,8 @@ import re
 MATRIX_PREFIX = "spectral_"
 LIFECYCLE_SECTION = "spectral_lifecycle"
 ATTENTION_SECTION = "spectral_attention"
+RUN_SECTION = "spectral_run"
+MAP_SECTION = "spectral_map"
 STEP_KEY = "spectral/step"
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_]+")
@@ -49,3 +55,13 @@ def lifecycle_key(name: str, group: str | None = None) -> str:
 def attention_key(name: str, key: str) -> str:
     """``spectral_attention/<name>/<layer_key>``."""
     return f"{ATTENTION_SECTION}/{name}/{key}"
+
+
+def run_key(name: str, group: str | None = None) -> str:
+    """``spectral_run/<name>`` or ``spectral_run/<name>_<group>``: a run-level figure."""
+    return f"{RUN_SECTION}/{name}" if group is None else f"{RUN_SECTION}/{name}_{group}"
+
+
+def map_key(metric: str) -> str:
+    """``spectral_map/<metric>``: the lifecycle map image of a metric (depth x training step)."""
+    return f"{MAP_SECTION}/{metric}"

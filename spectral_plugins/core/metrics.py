@@ -60,6 +60,9 @@ METRICS: dict[str, MetricSpec] = {
     )
 }
 METRIC_NAMES: tuple[str, ...] = tuple(METRICS)
+# Published as per-matrix series by default (``metrics=None``): the two metrics the lifecycle is read
+# from. Every metric is still computed and kept in the snapshot, its tables and its JSON.
+DEFAULT_SERIES_METRICS: tuple[str, ...] = ("alpha", "stable_rank")
 
 
 def validate_metric_names(names: list[str] | tuple[str, ...] | None) -> tuple[str, ...]:

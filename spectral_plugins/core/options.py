@@ -19,7 +19,7 @@ from typing import Any, Literal, overload
 import torch
 
 from .engine import METHODS
-from .metrics import METRIC_NAMES, METRICS
+from .metrics import DEFAULT_SERIES_METRICS, METRIC_NAMES, METRICS
 from .roles import ROLES
 
 # The smallest metric history that can thin its older half and still hold a lifecycle (the
@@ -29,6 +29,8 @@ MIN_HISTORY_STEPS = 8
 # and its map itself). A test keeps this equal to the signature of attention_bounds.
 ATTENTION_OPTIONS: tuple[str, ...] = ("sample_batch", "delta", "seq_len", "gamma", "method", "include_bias",
                                       "logit_scale", "warm_start", "dtype", "call_model")
+# ``series=``: the short list of lifecycle / attention series and run-level figures, or every one.
+SERIES: tuple[str, ...] = ("headline", "all")
 # Heatmaps drawn with ``heatmap=True`` (if published): each image costs ~0.2 s to render.
 DEFAULT_HEATMAP_METRICS: tuple[str, ...] = ("alpha", "stable_rank")
 
@@ -75,6 +77,16 @@ def metric_list(name: str, value: object, allow_empty: bool = False) -> tuple[st
     if not names and not allow_empty:
         raise ValueError(f"{name} must name at least one metric (None: all of {list(METRIC_NAMES)})")
     return names
+
+
+def series_metrics(name: str, value: object) -> tuple[str, ...]:
+    """The per-matrix series to publish: None -> :data:`~spectral_plugins.core.metrics.DEFAULT_SERIES_METRICS`
+    (alpha and stable rank), ``"all"`` -> every metric, else the names given (checked)."""
+    if value is None:
+        return DEFAULT_SERIES_METRICS
+    if value == "all":
+        return METRIC_NAMES
+    return metric_list(name, value)
 
 
 @overload
@@ -164,6 +176,7 @@ class Options:
 
     every_n_steps: int
     metrics: tuple[str, ...]
+    series: str
     heatmap: tuple[str, ...]
     include: tuple[str, ...] | None
     exclude: tuple[str, ...] | None
@@ -181,6 +194,7 @@ class Options:
 def check_options(
     every_n_steps: object = 25,
     metrics: object = None,
+    series: object = "headline",
     heatmap: object = True,
     include: object = None,
     exclude: object = None,
@@ -204,10 +218,11 @@ def check_options(
     def public(option: str) -> str:
         return (names or {}).get(option, option)
 
-    checked_metrics = metric_list(public("metrics"), metrics)
+    checked_metrics = series_metrics(public("metrics"), metrics)
     return Options(
         every_n_steps=positive_int(public("every_n_steps"), every_n_steps),
         metrics=checked_metrics,
+        series=choice(public("series"), series, SERIES),
         heatmap=heatmap_option(public("heatmap"), heatmap, checked_metrics),
         include=name_list(public("include"), include),
         exclude=name_list(public("exclude"), exclude),

@@ -24,6 +24,7 @@ import numpy as np
 
 from ..lifecycle.history import SpectralHistory
 from ..lifecycle.importance import PruningAdvice
+from ..lifecycle.maps import LifecycleMap, MapPanel, draw_map_panel, map_label, value_range
 from ..lifecycle.pruning import PruningEvaluation
 from ..lifecycle.signals import (
     LifecycleConfig,
@@ -98,16 +99,13 @@ def saved_figure(path: str | Path, **figure_options: Any) -> Iterator[Any]:
 def _heatmap(fig, ax, w) -> None:  # noqa: ANN001 - matplotlib objects
     if w.nsr.size == 0:
         return
-    mesh = ax.pcolormesh(w.steps, w.depths, w.nsr.T, shading="nearest", cmap="magma")
-    fig.colorbar(mesh, ax=ax, label="stable rank / initial")
-    ax.plot(w.steps, w.front, color="white", lw=1.2, label="wave front")
-    if w.reversal.reversed:
-        ax.axvline(w.reversal.step, color="cyan", ls="--", lw=1, label=f"reversal @ {w.reversal.step:.0f}")
+    reversal = float(w.reversal.step) if w.reversal.reversed else math.nan
+    panel = MapPanel(w.group, w.steps, w.depths, w.nsr, w.front, reversal)
+    low, high = value_range([LifecycleMap("stable_rank", 0, (panel,))])
+    mesh = draw_map_panel(ax, panel, "stable_rank", low, high)
+    fig.colorbar(mesh, ax=ax, label=map_label("stable_rank"))
     speed = "" if not math.isfinite(w.wave_speed) else f", {w.wave_speed:.2f} blocks/1k steps"
     ax.set_title(f"{_named(w.stack, w.group)}: normalised stable rank{speed}", fontsize=9)
-    ax.set_xlabel("step")
-    ax.set_ylabel("depth (block)")
-    ax.legend(fontsize=7, loc="lower right")
 
 
 def _named(stack: str | None, group: str) -> str:

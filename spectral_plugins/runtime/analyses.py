@@ -15,16 +15,48 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from torch import nn
 
+from ..core.keys import LIFECYCLE_SECTION, lifecycle_key, map_key, run_key
 from ..core.model_map import ModelMap
+from ..core.options import SERIES, choice
 from ..core.snapshot import Snapshot, fmt, layer_table
 from .publishing import RunSummary, StepReport
 
 log = logging.getLogger("spectral_plugins")
+
+HEADLINE_GROUPS: tuple[str, ...] = ("qk", "vo", "mlp")
+# The lifecycle series a run publishes by default (``series="headline"``): what a person reads the
+# lifecycle from. ``series="all"`` publishes every signal of every group (docs/lifecycle.md).
+HEADLINE_LIFECYCLE: tuple[str, ...] = (
+    *(lifecycle_key("wave_front_depth", g) for g in HEADLINE_GROUPS),
+    *(lifecycle_key("nsr_mean", g) for g in HEADLINE_GROUPS),
+    *(lifecycle_key("delta_alpha", g) for g in HEADLINE_GROUPS),
+    lifecycle_key("alpha_depth_gradient", "all"),
+    lifecycle_key("qk_vo_asymmetry"),
+)
+# The run-level figures that trackers keeping them as metrics (MLflow, TensorBoard HParams) receive by
+# default; every figure is in the W&B run summary, the summary text and MLflow's run_summary.json.
+HEADLINE_RUN: tuple[str, ...] = (
+    *(run_key("wave_speed", g) for g in HEADLINE_GROUPS),
+    *(run_key("wave_reversal_step", g) for g in HEADLINE_GROUPS),
+    *(run_key("delta_alpha", g) for g in HEADLINE_GROUPS),
+    run_key("alpha_depth_gradient", "all"),
+    run_key("qk_vo_asymmetry"),
+    run_key("num_blocks"),
+)
+# Attention quantities published per attention layer by default; the per-head table has them all.
+HEADLINE_ATTENTION: tuple[str, ...] = ("logit_bound_rank_aware", "fp8_e4m3_scale_rank_aware")
+
+
+def run_figure_key(lifecycle_summary_key: str) -> str:
+    """``spectral_lifecycle/<name>[_run][/<group>]`` (a run-level figure) -> ``spectral_run/<name>[_<group>]``
+    (the key of the same figure in its own section)."""
+    _, name, *rest = lifecycle_summary_key.split("/")
+    return run_key(name.removesuffix("_run"), "_".join(rest) or None)
 
 
 @dataclass(frozen=True)
@@ -35,11 +67,14 @@ class AnalysisOutput:
         scalars: canonical keys (``spectral_lifecycle/...``, ``spectral_attention/...``) to values.
         tables: named tables, each a list of row dicts.
         text: lines for the console summary.
+        images: figures under canonical keys (``spectral_map/<metric>``), objects with ``to_rgb()``
+            and ``to_png()`` drawn when a publisher first asks.
     """
 
     scalars: Mapping[str, float] = field(default_factory=dict)
     tables: Mapping[str, list[dict[str, Any]]] = field(default_factory=dict)
     text: str = ""
+    images: Mapping[str, Any] = field(default_factory=dict)
 
 
 @runtime_checkable
@@ -63,33 +98,41 @@ class Analysis(Protocol):
 
 class LifecycleAnalysis:
     """The lifecycle signals (:mod:`spectral_plugins.lifecycle.signals`) as a tracker hook: per-step
-    ``spectral_lifecycle/...`` scalars, and the run-level figures plus pruning advice at the end."""
+    ``spectral_lifecycle/...`` scalars (the :data:`HEADLINE_LIFECYCLE` ones unless ``series="all"``)
+    and lifecycle maps ``spectral_map/<metric>`` (:mod:`spectral_plugins.lifecycle.maps`) of
+    ``map_metrics``; the run-level figures ``spectral_run/...`` plus pruning advice at the end."""
 
     name = "lifecycle"
 
-    def __init__(self, max_steps: int | None = None) -> None:
+    def __init__(self, max_steps: int | None = None, series: str = "headline",
+                 map_metrics: Sequence[str] = ("stable_rank", "alpha")) -> None:
         from ..lifecycle.signals import SpectralLifecycle
 
         self.lifecycle = SpectralLifecycle() if max_steps is None else SpectralLifecycle(max_steps=max_steps)
+        self.series = choice("series", series, SERIES)
+        self.map_metrics = tuple(m for m in map_metrics if m in self.lifecycle.history.metrics)
 
     @property
     def history(self) -> Any:
         return self.lifecycle.history
 
     def update(self, snapshot: Snapshot, model_map: ModelMap) -> AnalysisOutput:
-        return AnalysisOutput(scalars=self.lifecycle.update(snapshot).scalars())
+        from ..lifecycle.maps import lifecycle_map
+
+        scalars = self.lifecycle.update(snapshot).scalars()
+        if self.series == "headline":
+            scalars = {key: value for key, value in scalars.items() if key in HEADLINE_LIFECYCLE}
+        history, config = self.lifecycle.history, self.lifecycle.config
+        maps = {map_key(metric): lifecycle_map(history, metric, config=config) for metric in self.map_metrics}
+        return AnalysisOutput(scalars=scalars, images=maps)
 
     def summary(self) -> AnalysisOutput:
-        """Run-level figures; a name also used per step gets the suffix ``_run``
-        (``spectral_lifecycle/delta_alpha_run/qk``), so no series receives a second point."""
+        """Run-level figures under ``spectral_run/<name>[_<group>]`` (a section apart from the series)."""
         if len(self.lifecycle.history) == 0:
             return AnalysisOutput()
         result = self.lifecycle.summary()
-        per_step = _per_step_names()
-        scalars = {}
-        for key, value in result.scalars().items():
-            section, name, *rest = key.split("/")
-            scalars["/".join([section, f"{name}_run" if name in per_step else name, *rest])] = value
+        scalars = {run_figure_key(key): value for key, value in result.scalars().items()
+                   if key.startswith(LIFECYCLE_SECTION + "/")}
         return AnalysisOutput(scalars=scalars, text=lifecycle_text(result))
 
     def state_dict(self) -> dict[str, Any]:
@@ -105,17 +148,21 @@ class AttentionAnalysis:
 
     name = "attention"
 
-    def __init__(self, model: nn.Module, **options: Any) -> None:
+    def __init__(self, model: nn.Module, series: str = "headline", **options: Any) -> None:
         from ..attention.bounds import attention_bounds
 
         self._bounds = attention_bounds
         self.model = model
+        self.series = choice("series", series, SERIES)
         self.options = options
         self.last: Any = None
 
     def update(self, snapshot: Snapshot, model_map: ModelMap) -> AnalysisOutput:
         self.last = self._bounds(self.model, model_map=model_map, **self.options)
-        return AnalysisOutput(scalars=self.last.scalars(), tables={"attention_heads": self.last.head_rows()})
+        scalars = self.last.scalars()
+        if self.series == "headline":
+            scalars = {k: v for k, v in scalars.items() if k.split("/")[1] in HEADLINE_ATTENTION}
+        return AnalysisOutput(scalars=scalars, tables={"attention_heads": self.last.head_rows()})
 
     def summary(self) -> AnalysisOutput:
         if self.last is None:
@@ -155,12 +202,14 @@ class Analyses:
         """Every analysis' scalars and tables for ``snapshot``."""
         return self._run("update", snapshot, model_map)
 
-    def summarize(self, last: StepReport, config: Mapping[str, Any]) -> RunSummary:
+    def summarize(self, last: StepReport, config: Mapping[str, Any],
+                  headline: tuple[str, ...] | None = HEADLINE_RUN) -> RunSummary:
         """The run summary: the per-layer table of the ``last`` report, then each analysis' run-level
-        figures and text."""
+        figures (``headline``: those trackers keep as metrics, None: all) and text."""
         output = self._run("summary")
         text = "\n\n".join(t for t in (layer_table(last.snapshot, last.metrics), output.text) if t)
-        return RunSummary(last=last, summary_scalars=dict(output.scalars), text=text, config=dict(config))
+        return RunSummary(last=last, summary_scalars=dict(output.scalars), text=text, config=dict(config),
+                          headline=headline)
 
     def state_dict(self) -> dict[str, Any]:
         """Each analysis' state, by name."""
@@ -175,6 +224,7 @@ class Analyses:
     def _run(self, method: str, *args: Any) -> AnalysisOutput:
         scalars: dict[str, float] = {}
         tables: dict[str, list[dict[str, Any]]] = {}
+        images: dict[str, Any] = {}
         texts: list[str] = []
         for analysis in self.analyses:
             if analysis.name in self.disabled:
@@ -190,34 +240,27 @@ class Analyses:
                 continue
             scalars.update(output.scalars)
             tables.update(output.tables)
+            images.update(output.images)
             texts += [output.text] if output.text else []
-        return AnalysisOutput(scalars=scalars, tables=tables, text="\n\n".join(texts))
-
-
-def _per_step_names() -> set[str]:
-    """Names of the per-step lifecycle scalars (``spectral_lifecycle/<name>/...``), read off a probe state."""
-    from ..lifecycle.signals import GroupState, LifecycleState
-
-    values = [1.0] * sum(f.name not in ("group", "stack") for f in fields(GroupState))
-    # Only the key names are read, so 1.0 stands in for every field (whatever its declared type).
-    probe = LifecycleState(0, (GroupState("all", *values),), 1.0)  # type: ignore[arg-type]
-    return {key.split("/")[1] for key in probe.scalars()}
+        return AnalysisOutput(scalars=scalars, tables=tables, text="\n\n".join(texts), images=images)
 
 
 def default_analyses(history: bool | int, attention: bool | Mapping[str, Any] = False,
-                     model: nn.Module | ModelMap | None = None) -> list[Analysis]:
+                     model: nn.Module | ModelMap | None = None, series: str = "headline",
+                     map_metrics: Sequence[str] = ("stable_rank", "alpha")) -> list[Analysis]:
     """The built-in analyses for a tracker's ``history`` and ``attention`` options (the attention
-    bounds need the module itself, not only its map)."""
+    bounds need the module itself, not only its map), publishing the ``series`` list and drawing
+    lifecycle maps of ``map_metrics``."""
     if isinstance(history, int) and not isinstance(history, bool) and history < 1:
         raise ValueError(f"history must be True, False or a positive number of kept steps, got {history!r}")
     analyses: list[Analysis] = []
     if history is not False:
         try:
-            analyses.append(LifecycleAnalysis(None if history is True else int(history)))
+            analyses.append(LifecycleAnalysis(None if history is True else int(history), series, map_metrics))
         except ImportError:  # the lifecycle module is optional for the tracker
             log.debug("lifecycle analysis unavailable", exc_info=True)
     if attention is not False and isinstance(model, nn.Module):
-        analyses.append(AttentionAnalysis(model, **({} if attention is True else dict(attention))))
+        analyses.append(AttentionAnalysis(model, series, **({} if attention is True else dict(attention))))
     return analyses
 
 

@@ -10,11 +10,22 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from ..core.heatmap import Heatmap, heatmaps
+from ..core.heatmap import ColourScale, Heatmap, heatmaps
 from ..core.metrics import METRIC_NAMES
 from ..core.snapshot import Snapshot
 
 log = logging.getLogger("spectral_plugins")
+
+
+@runtime_checkable
+class Image(Protocol):
+    """A figure a publisher can show: a heatmap, a lifecycle map. Drawn lazily, once."""
+
+    def to_rgb(self) -> Any:
+        """An (H, W, 3) uint8 array."""
+
+    def to_png(self) -> bytes:
+        """PNG bytes."""
 
 
 @dataclass(frozen=True)
@@ -34,6 +45,9 @@ class StepReport:
         full: False for a fast-lane step (:mod:`spectral_plugins.runtime.fast`): its snapshot is
             empty and its per-matrix values are in ``extra_scalars``; publishers log its
             :meth:`scalars` and nothing else (no images, tables or layouts).
+        heatmap_scales: each heatmap metric's colour scale, fixed for the whole run.
+        images: figures computed beyond the snapshot, under canonical keys (the lifecycle maps
+            ``spectral_map/<metric>``), drawn when a publisher first asks.
     """
 
     step: int
@@ -44,18 +58,19 @@ class StepReport:
     heatmap_metrics: tuple[str, ...] | None = None
     per_expert: bool = False
     full: bool = True
+    heatmap_scales: Mapping[str, ColourScale] = field(default_factory=dict)
+    images: Mapping[str, Image] = field(default_factory=dict)
 
     def scalars(self) -> dict[str, float]:
         """All scalars of this step under their canonical keys (NaN values dropped)."""
-        values = {**self.snapshot.scalars(self.metrics, self.per_expert), **self.extra_scalars}
-        return {k: float(v) for k, v in values.items() if v is not None and math.isfinite(float(v))}
+        return _finite({**self.snapshot.scalars(self.metrics, self.per_expert), **self.extra_scalars})
 
     def heatmaps(self) -> list[Heatmap]:
         """One depth x role grid per heatmap metric, computed once for all publishers."""
         cached = self.__dict__.get("_heatmaps")
         if cached is None:
             chosen = self.metrics if self.heatmap_metrics is None else self.heatmap_metrics
-            cached = heatmaps(self.snapshot, chosen)
+            cached = heatmaps(self.snapshot, chosen, self.heatmap_scales)
             object.__setattr__(self, "_heatmaps", cached)  # a cache, not state: frozen otherwise
         return list(cached)
 
@@ -66,16 +81,33 @@ class RunSummary:
 
     Attributes:
         last: the last step's report (final per-layer table = ``last.snapshot.to_records()``).
-        summary_scalars: final figures to keep as the run's summary (lifecycle summaries, pruning
-            advice scores), under canonical keys.
+        summary_scalars: every run-level figure (lifecycle summaries, pruning ranks, time constants),
+            under ``spectral_run/...`` keys: one value per run, never a time series.
         text: a human-readable summary for consoles and text panels.
         config: the monitor's configuration, for trackers that record parameters.
+        headline: the keys of ``summary_scalars`` that trackers whose run-level figures are metrics
+            (MLflow, TensorBoard's HParams) receive as such; None: all of them. The rest go into
+            the summary text and files.
     """
 
     last: StepReport
     summary_scalars: Mapping[str, float] = field(default_factory=dict)
     text: str = ""
     config: Mapping[str, Any] = field(default_factory=dict)
+    headline: tuple[str, ...] | None = None
+
+    def headline_scalars(self) -> dict[str, float]:
+        """The finite headline run-level figures (all of them when ``headline`` is None)."""
+        keys = self.summary_scalars.keys() if self.headline is None else self.headline
+        return _finite({key: self.summary_scalars.get(key) for key in keys})
+
+    def finite_scalars(self) -> dict[str, float]:
+        """Every finite run-level figure."""
+        return _finite(self.summary_scalars)
+
+
+def _finite(values: Mapping[str, float | None]) -> dict[str, float]:
+    return {k: float(v) for k, v in values.items() if v is not None and math.isfinite(float(v))}
 
 
 def flatten_config(config: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:

@@ -22,10 +22,11 @@ from typing import Any
 from torch import nn
 
 from ..core.engine import SpectralEngine, cpu_threads
+from ..core.heatmap import ColourScale, colour_scales
 from ..core.model_map import ModelMap, map_model
 from ..core.options import check_options
 from ..core.snapshot import Snapshot
-from .analyses import Analyses, Analysis, default_analyses
+from .analyses import HEADLINE_RUN, Analyses, Analysis, default_analyses
 from .background import BackgroundSnapshotter
 from .delivery import Delivery
 from .fast import FastLaneRunner
@@ -46,10 +47,17 @@ class SpectralTracker:
         every_n_steps: snapshot when ``step % every_n_steps == 0`` (>= 1).
         publishers: tracker sinks (:class:`~spectral_plugins.runtime.publishing.Publisher`); each is
             wrapped in a :class:`~spectral_plugins.runtime.publishing.GuardedPublisher`.
-        metrics: metric names to publish (default: all of :data:`~spectral_plugins.core.metrics.METRICS`).
+        metrics: metric names to publish as per-matrix series (default
+            :data:`~spectral_plugins.core.metrics.DEFAULT_SERIES_METRICS`: alpha and stable rank;
+            ``"all"`` for every metric of :data:`~spectral_plugins.core.metrics.METRICS`). Every metric
+            is computed either way and kept in the snapshot and its JSON.
+        series: ``"headline"`` (default) publishes the short list of lifecycle and attention series
+            and run-level figures of :mod:`~spectral_plugins.runtime.analyses`
+            (``HEADLINE_LIFECYCLE``, ``HEADLINE_ATTENTION``, ``HEADLINE_RUN``); ``"all"`` every one.
         include, exclude, roles: passed to :func:`~spectral_plugins.core.model_map.map_model`.
         method: engine method ("auto", "gram", "svd").
-        heatmap: publish depth x role heatmap images: True for
+        heatmap: publish depth x role heatmap images (one colour scale for the whole run) and lifecycle
+            maps ``spectral_map/<metric>`` (depth x step, for the metrics the history keeps): True for
             :data:`~spectral_plugins.core.options.DEFAULT_HEATMAP_METRICS` (those published), False for
             none, or the metric names to draw.
         history: keep a metric history and the lifecycle signals computed from it: True (default
@@ -92,7 +100,8 @@ class SpectralTracker:
         model: nn.Module | ModelMap,
         every_n_steps: int = 25,
         publishers: Sequence[Publisher] = (),
-        metrics: Sequence[str] | None = None,
+        metrics: Sequence[str] | str | None = None,
+        series: str = "headline",
         include: Sequence[str] | str | None = None,
         exclude: Sequence[str] | str | None = None,
         roles: Mapping[str, str] | None = None,
@@ -108,7 +117,7 @@ class SpectralTracker:
         per_expert: bool = False,
         fast_every_n_steps: int | None = DEFAULT_FAST_EVERY_N_STEPS,
     ) -> None:
-        options = check_options(every_n_steps=every_n_steps, metrics=metrics, heatmap=heatmap,
+        options = check_options(every_n_steps=every_n_steps, metrics=metrics, series=series, heatmap=heatmap,
                                 include=include, exclude=exclude, roles=roles, method=method, history=history,
                                 attention=attention, device=device, threads=threads, background=background,
                                 distributed=distributed, fast_every_n_steps=fast_every_n_steps)
@@ -118,12 +127,15 @@ class SpectralTracker:
         self.per_expert = bool(per_expert)
         self.threads = threads
         self.metrics = options.metrics
+        self.series = options.series
         self.heatmap_metrics = options.heatmap
+        self.heatmap_scales: dict[str, ColourScale] = {}  # set by the first snapshot published
         self.engine = SpectralEngine(method=method, device=device)
         self.include, self.exclude, self.method = include, exclude, method
         self.model_map = model if isinstance(model, ModelMap) else map_model(
             model, include=_as_list(include), exclude=_as_list(exclude), roles=roles)
-        self.analyses = Analyses([*default_analyses(history, attention, model), *analyses])
+        builtin = default_analyses(history, attention, model, self.series, self.heatmap_metrics)
+        self.analyses = Analyses([*builtin, *analyses])
         self.delivery = Delivery(publishers)
         self.strategy = make_strategy(self.engine, self.model_map, threads, bool(background), distributed)
         self.counts = self.strategy.counts  # kept when the strategy hands over to its inline one
@@ -167,6 +179,7 @@ class SpectralTracker:
         return {
             "every_n_steps": self.every_n_steps,
             "metrics": ",".join(self.metrics),
+            "series": self.series,
             "heatmap_metrics": ",".join(self.heatmap_metrics) or "none",
             "method": self.engine.method,
             "include": ",".join(_as_list(self.include) or []) or "all",
@@ -233,9 +246,12 @@ class SpectralTracker:
         with cpu_threads(self.threads):
             output = self.analyses.update(snapshot, self.model_map)
         honesty = {} if self.fast is None else self.fast.check(snapshot)
+        if not self.heatmap_scales:
+            self.heatmap_scales = colour_scales(snapshot, self.heatmap_metrics)
         report = StepReport(step=int(snapshot.step or 0), snapshot=snapshot, metrics=self.metrics,
                             extra_scalars={**output.scalars, **honesty}, tables=dict(output.tables),
-                            heatmap_metrics=self.heatmap_metrics, per_expert=self.per_expert)
+                            heatmap_metrics=self.heatmap_metrics, per_expert=self.per_expert,
+                            heatmap_scales=self.heatmap_scales, images=dict(output.images))
         self.delivery.step(report, self.config)
         self.last_report = report
         return report
@@ -258,11 +274,12 @@ class SpectralTracker:
             snapshot = next((done.snapshot for done in self.strategy.collect()), None)
             self.last_report = None if snapshot is None else StepReport(
                 step=last, snapshot=snapshot, metrics=self.metrics, heatmap_metrics=self.heatmap_metrics,
-                per_expert=self.per_expert)
+                per_expert=self.per_expert, heatmap_scales=self.heatmap_scales)
         summary = None
         if self.last_report is not None:  # None on the other ranks of a distributed tracker
             with cpu_threads(self.threads):
-                summary = self.analyses.summarize(self.last_report, self.config())
+                summary = self.analyses.summarize(self.last_report, self.config(),
+                                                  HEADLINE_RUN if self.series == "headline" else None)
             self.delivery.summary(summary)
             console().info("spectral-plugins summary at step %s\n%s", summary.last.step, summary.text)
         if close:
@@ -286,6 +303,7 @@ class SpectralTracker:
             "every_n_steps": self.every_n_steps,
             "last_step": self.last_step,
             "seen_step": self._seen_step,
+            "heatmap_scales": {m: scale.to_state() for m, scale in self.heatmap_scales.items()},
             "analyses": self.analyses.state_dict(),
         }
 
@@ -296,6 +314,8 @@ class SpectralTracker:
                              f"version {state.get('version')!r})")
         self.last_step = None if state["last_step"] is None else int(state["last_step"])
         self._seen_step = None if state.get("seen_step") is None else int(state["seen_step"])
+        self.heatmap_scales = {m: ColourScale(float(low), float(high), bool(log))
+                               for m, (low, high, log) in state.get("heatmap_scales", {}).items()}
         self.last_report, self._submitted, self._collected = None, None, False
         self.strategy.reset()  # snapshots of the abandoned timeline are never published
         self.analyses.load_state_dict(state.get("analyses", {}))

@@ -232,11 +232,10 @@ def test_the_state_is_plain_json_and_rebuilds_the_callback() -> None:
     callback = SpectralCallback(every_n_steps=3, metrics=["alpha"], roles={"c_fc": "mlp_in"},
                                 publishers=[RecordingPublisher()], attention={"sample_batch": torch.ones(2)})
     state = json.loads(json.dumps(callback.state()))
-    assert state["args"] == {"every_n_steps": 3, "metrics": ["alpha"], "include": None, "exclude": None,
-                             "roles": {"c_fc": "mlp_in"}, "method": "auto", "heatmap": True, "history": True,
-                             "device": None, "threads": 1, "background": False, "per_expert": False,
-                             "fast_every_n_steps": 5,
-                             "report_to": None}
+    assert state["args"] == {"every_n_steps": 3, "metrics": ["alpha"], "series": "headline", "include": None,
+                             "exclude": None, "roles": {"c_fc": "mlp_in"}, "method": "auto", "heatmap": True,
+                             "history": True, "device": None, "threads": 1, "background": False,
+                             "per_expert": False, "fast_every_n_steps": 5, "report_to": None}
     assert state["attributes"] == {"tracker_state": None, "unsaved_options": ["publishers", "attention"]}
     rebuilt = SpectralCallback.from_state(state)  # what Trainer does with restore_callback_states_...=True
     assert rebuilt.options["every_n_steps"] == 3 and rebuilt.publishers == ()
@@ -291,8 +290,9 @@ def test_tensorboard_and_mlflow_get_every_snapshot(tmp_path: Path, monkeypatch: 
     assert {k: tensorboard[k] for k in expected} == float32(expected)
     images = read_tensorboard_images(trainer_tensorboard_dir(tmp_path))
     assert [step for step, _ in images["spectral_heatmap/effective_rank"]] == [0, 2, 4, 6]
-    for key, value in callback.summary.summary_scalars.items():
-        assert tensorboard[key][-1] == (6, pytest.approx(value, rel=1e-6))
+    headline = callback.summary.headline_scalars()  # an HParams session in the sub-run spectral_run
+    assert headline and all(tensorboard[f"spectral_run/{key}"] == [(6, pytest.approx(value, rel=1e-6))]
+                            for key, value in headline.items())
 
     # MLflow: the run the Trainer's integration started (it holds the Trainer's own loss too)
     (run,) = mlflow.search_runs(experiment_names=["hf-e2e"], output_format="list")
@@ -302,7 +302,7 @@ def test_tensorboard_and_mlflow_get_every_snapshot(tmp_path: Path, monkeypatch: 
     client = mlflow.MlflowClient(tracking_uri=sqlite_uri)
     final = client.get_run(run.info.run_id)
     assert final.info.status == "FINISHED"
-    assert all(final.data.metrics[k] == v for k, v in callback.summary.summary_scalars.items())
+    assert all(final.data.metrics[k] == v for k, v in headline.items())
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "spectral")}
     assert {"spectral/final_snapshot.json", "spectral/summary.md"} <= artifacts
     heatmaps = [a.path for a in client.list_artifacts(run.info.run_id, "spectral/heatmaps/effective_rank")]
@@ -396,5 +396,5 @@ def test_resume_from_a_checkpoint_continues_the_series(tmp_path: Path, monkeypat
     assert list(callback.tracker.history.steps) == [0, 2, 4, 6, 8]
     tensorboard = read_tensorboard_scalars(tmp_path / "tb")
     assert [s for s, _ in tensorboard["spectral_alpha/L00_q"]] == [0, 2, 4, 6, 8]
-    assert [s for s, _ in tensorboard["spectral_lifecycle/nsr_mean/all"]] == [0, 2, 4, 6, 8]
+    assert [s for s, _ in tensorboard["spectral_lifecycle/nsr_mean/qk"]] == [0, 2, 4, 6, 8]
     assert os.path.isdir(tmp_path / "out" / "checkpoint-8")

@@ -25,6 +25,7 @@ from spectral_plugins.demo.data import VOCAB, CharWindows, encode, stdlib_text
 from spectral_plugins.demo.lightning import CharGPTModule
 from spectral_plugins.demo.model import GPTConfig
 from spectral_plugins.lightning import LoggerPublisher, SpectralMonitor, logger_kind, publisher_for
+from spectral_plugins.runtime.analyses import HEADLINE_LIFECYCLE
 from tests.adapters.test_wandb import reset_wandb, set_wandb_env
 from tests.multiprocess import run_ranks
 from tests.publishers import FaultInjectingPublisher, RecordingPublisher
@@ -241,13 +242,18 @@ def test_every_logger_at_once_matches_the_snapshots(tmp_path: Path, ids: torch.T
     assert recorder.summaries and monitor.summary is recorder.summaries[0]
     expected = expected_series(recorder.reports)
     last = recorder.reports[-1]
-    assert len(expected) > 150 and any(k.startswith("spectral_lifecycle/") for k in expected)
+    # the default, readable list: alpha and stable rank per matrix and the headline lifecycle series
+    num_matrices = len(monitor.tracker.model_map)
+    sections = {k.split("/")[0] for k in expected}
+    assert sections == {"spectral_alpha", "spectral_stable_rank", "spectral_lifecycle"}
+    assert 2 * num_matrices < len(expected) <= 2 * num_matrices + len(HEADLINE_LIFECYCLE)
 
     # TensorBoard: every scalar (float32), the heatmap images, the custom-scalars layout
     scalars = read_tensorboard_scalars(Path(loggers[0].log_dir))
     assert {k: scalars[k] for k in expected} == float32(expected)
     images = read_tensorboard_images(Path(loggers[0].log_dir))
     assert [step for step, _ in images["spectral_heatmap/alpha"]] == [0, 4, 8]
+    assert [step for step, _ in images["spectral_map/stable_rank"]] == [0, 4, 8]
     layout = flatten_custom_scalars_layout(read_tensorboard_custom_scalars_layout(Path(loggers[0].log_dir)))
     assert any("alpha" in title for title in layout)
 
@@ -258,7 +264,10 @@ def test_every_logger_at_once_matches_the_snapshots(tmp_path: Path, ids: torch.T
     assert mlflow_series(client, run_id, sample) == {k: expected[k] for k in sample}
     data = client.get_run(run_id).data
     assert {k: data.metrics[k] for k in last.scalars()} == last.scalars()
-    assert all(data.metrics[k] == v for k, v in recorder.summaries[0].summary_scalars.items())
+    headline = recorder.summaries[0].headline_scalars()
+    assert headline and {k: v for k, v in data.metrics.items() if k.startswith("spectral_run/")} == headline
+    maps = {a.path for a in client.list_artifacts(run_id, "spectral/maps")}
+    assert maps == {"spectral/maps/stable_rank.png", "spectral/maps/alpha.png"}
     assert data.params["spectral/every_n_steps"] == "4"
     final = client.download_artifacts(run_id, "spectral/final_snapshot.json", str(tmp_path / "download"))
     assert Path(final).read_text() == last.snapshot.to_json(indent=1)
@@ -356,11 +365,11 @@ def test_resume_from_a_checkpoint_continues_the_series(tmp_path: Path, ids: torc
     assert [r.step for r in first.reports] == [0, 3, 6] and [r.step for r in second.reports] == [9, 12]
     assert list(monitor.tracker.history.steps) == [0, 3, 6, 9, 12]
     expected = expected_series(first.reports + second.reports)
-    per_step = [k for k in expected if not k.endswith("_run") and "_run/" not in k]
+    per_step = list(expected)
     tensorboard = read_tensorboard_scalars(tmp_path / "tb" / "version_0")
     assert {k: tensorboard[k] for k in per_step if k.startswith("spectral_alpha/")} == float32(
         {k: expected[k] for k in per_step if k.startswith("spectral_alpha/")})
-    assert [s for s, _ in tensorboard["spectral_lifecycle/nsr_mean/all"]] == [0, 3, 6, 9, 12]
+    assert [s for s, _ in tensorboard["spectral_lifecycle/nsr_mean/qk"]] == [0, 3, 6, 9, 12]
     client = MlflowClient(tracking_uri=sqlite_store)
     sample = [k for k in per_step if k.startswith(("spectral_stable_rank/", "spectral_lifecycle/nsr_mean"))]
     history = mlflow_series(client, run_id, sample)

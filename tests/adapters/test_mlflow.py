@@ -4,7 +4,6 @@ MlflowClient. The ``mlflow_server`` fixture comes from ``tests/mlflow_server.py`
 from __future__ import annotations
 
 import json
-import math
 import time
 import warnings
 from pathlib import Path
@@ -14,7 +13,10 @@ import pytest
 import torch
 
 from spectral_plugins import Snapshot, analyze
+from spectral_plugins.core.keys import map_key
+from spectral_plugins.lifecycle.maps import lifecycle_map
 from spectral_plugins.lifecycle.signals import SpectralLifecycle
+from spectral_plugins.runtime.analyses import HEADLINE_RUN, run_figure_key
 from spectral_plugins.runtime.publishing import GuardedPublisher, RunSummary, StepReport
 from tests.mlflow_server import free_port
 
@@ -22,7 +24,12 @@ mlflow = pytest.importorskip("mlflow")
 transformers = pytest.importorskip("transformers")
 from mlflow import MlflowClient  # noqa: E402
 
-from spectral_plugins.mlflow import MlflowPublisher, heatmap_artifact_path  # noqa: E402
+from spectral_plugins.mlflow import (  # noqa: E402
+    RUN_SUMMARY,
+    MlflowPublisher,
+    heatmap_artifact_path,
+    map_artifact_path,
+)
 
 STEPS = (0, 25, 50)
 METRICS = ("alpha", "stable_rank", "spectral_norm", "effective_rank")
@@ -42,12 +49,14 @@ def spectral_run(scale: float = 1.1, metrics: tuple[str, ...] = METRICS,
     reports = []
     for step in STEPS:
         snapshot = analyze(model, step=step)
-        reports.append(StepReport(step, snapshot, metrics, lifecycle.update(snapshot).scalars()))
+        maps = {map_key(m): lifecycle_map(lifecycle.history, m) for m in ("stable_rank", "alpha")}
+        reports.append(StepReport(step, snapshot, metrics, lifecycle.update(snapshot).scalars(), images=maps))
         with torch.no_grad():
             for parameter in model.parameters():
                 parameter.mul_(scale).add_(0.02 * torch.randn_like(parameter))
     config = {"every_n_steps": 25, "metrics": list(metrics), "scale": scale, **(config or {})}
-    return reports, RunSummary(reports[-1], lifecycle.summary().scalars(), "Spectral run finished.", config)
+    figures = {run_figure_key(k): v for k, v in lifecycle.summary().scalars().items()}
+    return reports, RunSummary(reports[-1], figures, "Spectral run finished.", config, headline=HEADLINE_RUN)
 
 
 @pytest.fixture(scope="module")
@@ -97,10 +106,17 @@ def assert_run_holds(client: MlflowClient, run_id: str, reports: list[StepReport
     last = summary.last.snapshot
     for layer in last:  # the latest values are the final per-layer figures
         assert data.metrics[f"spectral_alpha/{layer.key}"] == layer.alpha
-    for key, value in summary.summary_scalars.items():
-        if math.isfinite(value):
-            assert data.metrics[key] == value
-            assert STEPS[-1] in {m.step for m in client.get_metric_history(run_id, key)}
+    headline = summary.headline_scalars()  # the headline run-level figures: one point each
+    assert headline and {k: v for k, v in data.metrics.items() if k.startswith("spectral_run/")} == headline
+    for key in headline:
+        assert [m.step for m in client.get_metric_history(run_id, key)] == [STEPS[-1]]
+    figures = json.loads(Path(client.download_artifacts(run_id, RUN_SUMMARY)).read_text())
+    assert figures == {"step": STEPS[-1], **summary.finite_scalars()}  # every figure, in a file
+    for key, image in summary.last.images.items():  # the final map, replaced in place at every step
+        saved = Path(client.download_artifacts(run_id, map_artifact_path(key))).read_bytes()
+        assert saved == image.to_png()
+    assert {a.path for a in client.list_artifacts(run_id, "spectral/maps")} == {
+        "spectral/maps/stable_rank.png", "spectral/maps/alpha.png"}
 
     heatmaps = [a.path for a in client.list_artifacts(run_id, "spectral/heatmaps/alpha")]
     assert heatmaps == [heatmap_artifact_path("alpha", s) for s in STEPS]

@@ -16,7 +16,10 @@ import pytest
 import torch
 
 from spectral_plugins import SpectralEngine
+from spectral_plugins.core.keys import map_key
+from spectral_plugins.lifecycle.maps import lifecycle_map
 from spectral_plugins.lifecycle.signals import SpectralLifecycle
+from spectral_plugins.runtime.analyses import HEADLINE_RUN, run_figure_key
 from spectral_plugins.runtime.publishing import GuardedPublisher, RunSummary, StepReport
 from spectral_plugins.tensorboard import TensorBoardPublisher
 from tests.publishers import FaultInjectingPublisher
@@ -53,12 +56,14 @@ def spectral_run(keep_eigenvalues: bool = False) -> Run:
     for step in STEPS:
         snapshot = engine.analyze(model, step=step)
         extra = lifecycle.update(snapshot).scalars()
-        reports.append(StepReport(step, snapshot, METRICS, extra))
+        maps = {map_key(m): lifecycle_map(lifecycle.history, m) for m in ("stable_rank", "alpha")}
+        reports.append(StepReport(step, snapshot, METRICS, extra, images=maps))
         with torch.no_grad():
             for parameter in model.parameters():
                 parameter.mul_(1.1).add_(0.02 * torch.randn_like(parameter))
-    summary = RunSummary(reports[-1], lifecycle.summary().scalars(), "Spectral run finished.",
-                         {"every_n_steps": 25, "metrics": list(METRICS)})
+    figures = {run_figure_key(k): v for k, v in lifecycle.summary().scalars().items()}
+    summary = RunSummary(reports[-1], figures, "Spectral run finished.",
+                         {"every_n_steps": 25, "metrics": list(METRICS)}, headline=HEADLINE_RUN)
     return reports, summary
 
 
@@ -109,19 +114,22 @@ def test_custom_scalars_layout_is_written_once_with_every_chart(
     layouts = read_tensorboard_custom_scalars_layouts(tmp_path)
     assert list(layouts) == [""] and len(layouts[""]) == 1
     layout = flatten_custom_scalars_layout(layouts[""][0])
-    assert list(layout) == [f"spectral_{m}" for m in METRICS] + ["spectral_lifecycle"]
-    roles = ("q", "k", "v", "o", "mlp_in", "mlp_out")
+    # reading order: the lifecycle first, then one category per metric
+    assert list(layout) == ["spectral_lifecycle"] + [f"spectral_{m}" for m in METRICS]
+    assert list(layout["spectral_lifecycle"])[:3] == [
+        "lifecycle · wave_front_depth", "lifecycle · nsr_mean", "lifecycle · delta_alpha"]
+    groups = {"qk": "q|k", "vo": "v|o", "mlp": "mlp_in|mlp_gate|mlp_out"}
     for metric in METRICS:
-        charts = layout[f"spectral_{metric}"]
-        assert list(charts) == [f"{metric} · {role}" for role in roles] + [f"{metric} · embed+pos_embed"]
-        for role in roles:
-            assert charts[f"{metric} · {role}"] == [rf"spectral_{metric}/L\d+_{role}$"]
-    assert layout["spectral_alpha"]["alpha · q"] == [r"spectral_alpha/L\d+_q$"]
+        charts = layout[f"spectral_{metric}"]  # one chart per metric x role group
+        assert list(charts) == [f"{metric} · {g}" for g in groups] + [f"{metric} · embed+pos_embed"]
+    assert layout["spectral_alpha"]["alpha · qk"] == [r"spectral_alpha/L\d+_(q|k)$"]
 
     # Each chart's regex (TensorBoard applies re.match) picks exactly the intended tags.
     tags = set(read_tensorboard_scalars(tmp_path))
-    picked = {t for t in tags if re.match(layout["spectral_alpha"]["alpha · q"][0], t)}
-    assert picked == {"spectral_alpha/L00_q", "spectral_alpha/L01_q", "spectral_alpha/L02_q"}
+    picked = {t for t in tags if re.match(layout["spectral_alpha"]["alpha · qk"][0], t)}
+    assert picked == {f"spectral_alpha/L0{d}_{r}" for d in range(3) for r in "qk"}
+    picked = {t for t in tags if re.match(layout["spectral_alpha"]["alpha · mlp"][0], t)}
+    assert picked == {f"spectral_alpha/L0{d}_{r}" for d in range(3) for r in ("mlp_in", "mlp_out")}
     picked = {t for t in tags if re.match(layout["spectral_alpha"]["alpha · embed+pos_embed"][0], t)}
     assert picked == {"spectral_alpha/embed", "spectral_alpha/pos_embed"}
     delta = layout["spectral_lifecycle"]["lifecycle · delta_alpha"][0]
@@ -138,7 +146,8 @@ def test_heatmap_images_per_step_decode_as_png(tmp_path: Path, run: Run) -> None
     publish(TensorBoardPublisher(tmp_path, heatmap_metrics=("alpha", "stable_rank")), reports)
 
     images = read_tensorboard_images(tmp_path)
-    assert set(images) == {"spectral_heatmap/alpha", "spectral_heatmap/stable_rank"}
+    assert set(images) == {"spectral_heatmap/alpha", "spectral_heatmap/stable_rank",
+                           "spectral_map/alpha", "spectral_map/stable_rank"}
     for series in images.values():
         assert [step for step, _ in series] == list(STEPS)
         for _, png in series:
@@ -162,9 +171,25 @@ def test_summary_text_panel_and_summary_scalars(tmp_path: Path, run: Run) -> Non
     config = accumulator.Tensors("spectral_config/text_summary")[0].tensor_proto.string_val[0].decode()
     assert "| every_n_steps | 25 |" in config
 
+    assert "spectral_run/prune_rank_L00" in text  # every run-level figure is in the text panel
+
+    # The headline run-level figures are an HParams session in the sub-run spectral_run, never
+    # series of the main run.
     scalars = read_tensorboard_scalars(tmp_path)
-    for key, value in summary.summary_scalars.items():
-        assert (STEPS[-1], float(np.float32(value))) in scalars[key]
+    headline = summary.headline_scalars()
+    main_tags = tensorboard_runs(tmp_path)[""].Tags()["scalars"]
+    assert headline and not any(key.startswith("spectral_run/") for key in main_tags)
+    assert {key: dict(scalars[f"spectral_run/{key}"]) for key in headline} == {
+        key: {STEPS[-1]: float(np.float32(value))} for key, value in headline.items()}
+    hparams = tensorboard_runs(tmp_path)["spectral_run"]
+    plugin = hparams.PluginTagToContent("hparams")
+    names = ("experiment", "session_start_info", "session_end_info")
+    assert {f"_hparams_/{name}" for name in names} <= set(plugin)
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(plugin["_hparams_/experiment"]).experiment
+    assert {m.name.tag for m in experiment.metric_infos} == set(headline)
+    assert {h.name for h in experiment.hparam_infos} == {"every_n_steps", "metrics"}
 
 
 def test_eigenvalue_histograms(tmp_path: Path) -> None:
@@ -227,7 +252,8 @@ def test_a_failing_publisher_never_stops_the_others(tmp_path: Path,
     alpha = read_tensorboard_scalars(tmp_path)["spectral_alpha/L00_q"]
     assert [step for step, _ in alpha] == list(STEPS)
     images = read_tensorboard_images(tmp_path)
-    assert set(images) == {"spectral_heatmap/alpha", "spectral_heatmap/stable_rank"}
+    assert set(images) == {"spectral_heatmap/alpha", "spectral_heatmap/stable_rank",
+                           "spectral_map/alpha", "spectral_map/stable_rank"}
 
 
 def test_importing_the_package_imports_no_tracker_and_a_missing_one_names_the_extra() -> None:

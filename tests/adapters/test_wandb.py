@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from spectral_plugins.core.keys import STEP_KEY
-from spectral_plugins.core.metrics import METRICS
+from spectral_plugins.core.metrics import DEFAULT_SERIES_METRICS
 from spectral_plugins.demo.model import CharGPT, GPTConfig
 from spectral_plugins.runtime.tracker import SpectralTracker
 from spectral_plugins.wandb import WandbPublisher, summary_kind
@@ -53,7 +53,8 @@ def reset_wandb() -> None:
     wandb.teardown()
 
 
-def published_run(root: Path, lightning_style: bool) -> tuple[WandbOfflineRun, RecordingPublisher, Any]:
+def published_run(root: Path, lightning_style: bool,
+                  media_every: int = 1) -> tuple[WandbOfflineRun, RecordingPublisher, Any]:
     """Train the tiny model 10 steps with a tracker publishing to W&B every 5 steps."""
     import wandb
 
@@ -64,7 +65,8 @@ def published_run(root: Path, lightning_style: bool) -> tuple[WandbOfflineRun, R
         run.log({"train/loss": 1.0}, step=50)  # the run's step is now far ahead of our snapshots
     recorder = RecordingPublisher()
     model = CharGPT(TINY)
-    tracker = SpectralTracker(model, every_n_steps=5, publishers=[WandbPublisher(), recorder],
+    publishers = [WandbPublisher(media_every=media_every), recorder]
+    tracker = SpectralTracker(model, every_n_steps=5, publishers=publishers,
                               attention={"sample_batch": torch.randint(0, TINY.vocab_size, (2, 16))})
     tracker.step(0)
     train(model, tracker, range(10))
@@ -92,7 +94,8 @@ def test_series_definitions_and_summary_read_back(wandb_root: Path, lightning_st
         assert (definition.step_metric, definition.glob_name) == (STEP_KEY, "")
         assert definition.summary == (summary_kind(key),)
     assert definitions["spectral_stable_rank/L00_q"].summary == ("min",)
-    assert definitions["spectral_effective_rank/lm_head"].summary == ("min",)
+    assert definitions["spectral_stable_rank/lm_head"].summary == ("min",)
+    assert summary_kind("spectral_effective_rank/lm_head") == "min"
     assert definitions["spectral_alpha/L01_v"].summary == ("last",)
     assert summary_kind("spectral_lifecycle/delta_alpha/qk") == "last"
 
@@ -100,8 +103,10 @@ def test_series_definitions_and_summary_read_back(wandb_root: Path, lightning_st
     assert read.summary["spectral_alpha/L01_v"] == {"last": last["spectral_alpha/L01_v"]}
     ranks = [r.scalars()["spectral_stable_rank/L00_q"] for r in recorder.reports]
     assert read.summary["spectral_stable_rank/L00_q"] == {"min": min(ranks)}
-    summary = recorder.summaries[0]
+    summary = recorder.summaries[0]  # every run-level figure is in the summary, none is a series
     assert summary.summary_scalars and all(read.summary[k] == v for k, v in summary.summary_scalars.items())
+    assert len(summary.summary_scalars) > len(summary.headline_scalars())
+    assert not any(k.startswith("spectral_run/") for row in read.history for k in row)
     assert read.summary["spectral_summary/text"] == summary.text
     assert read.summary["spectral_summary/step"] == 10
     assert read.config["spectral"] == tracker.config()
@@ -109,11 +114,19 @@ def test_series_definitions_and_summary_read_back(wandb_root: Path, lightning_st
 
 
 @pytest.mark.slow
-def test_heatmaps_tables_and_depth_charts(wandb_root: Path) -> None:
-    read, recorder, _ = published_run(wandb_root, lightning_style=False)
+def test_maps_heatmaps_tables_and_depth_charts(wandb_root: Path) -> None:
+    read, recorder, _ = published_run(wandb_root, lightning_style=False, media_every=2)
     files = read.run_dir / "files"
     rows = [row for row in read.history if STEP_KEY in row]
     last_report = recorder.reports[-1]
+    for metric in ("alpha", "stable_rank"):  # the lifecycle map, redrawn at every snapshot
+        images = [row[f"spectral_map/{metric}"] for row in rows]
+        assert len(images) == 3
+        saved = np.asarray(Image.open(files / images[-1]["path"]).convert("RGB"))
+        assert np.array_equal(saved, last_report.images[f"spectral_map/{metric}"].to_rgb())
+    # media_every=2: tables and depth charts at the 1st and 3rd snapshot (steps 0 and 10) only
+    assert [row[STEP_KEY] for row in rows if "spectral_table/layers" in row] == [0, 10]
+    assert [row[STEP_KEY] for row in rows if "spectral_depth/alpha_table" in row] == [0, 10]
     for metric in ("alpha", "stable_rank"):
         images = [row[f"spectral_heatmap/{metric}"] for row in rows]
         assert len(images) == 3 and all(image["_type"] == "image-file" for image in images)
@@ -137,7 +150,7 @@ def test_heatmaps_tables_and_depth_charts(wandb_root: Path) -> None:
     layers = last_report.snapshot.layers
     assert q_line == [(layer.depth, layer.alpha) for layer in layers if layer.role == "q"]
     charts = read.config["_wandb"]["visualize"]
-    assert {f"spectral_depth/{m}" for m in METRICS} <= set(charts)
+    assert {f"spectral_depth/{m}" for m in DEFAULT_SERIES_METRICS} <= set(charts)
     assert charts["spectral_depth/alpha"]["panel_config"]["panelDefId"] == "wandb/lineseries/v0"
     final = json.loads((files / read.summary["spectral_summary/layers"]["path"]).read_text())
     assert len(final["data"]) == len(last_report.snapshot)

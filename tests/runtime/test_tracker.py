@@ -13,8 +13,14 @@ import pytest
 import torch
 
 from spectral_plugins import SpectralEngine
+from spectral_plugins.core.metrics import DEFAULT_SERIES_METRICS
 from spectral_plugins.demo.model import CharGPT, GPTConfig
-from spectral_plugins.runtime.analyses import AnalysisOutput
+from spectral_plugins.runtime.analyses import (
+    HEADLINE_ATTENTION,
+    HEADLINE_LIFECYCLE,
+    HEADLINE_RUN,
+    AnalysisOutput,
+)
 from spectral_plugins.runtime.tracker import SpectralTracker
 from tests.publishers import FaultInjectingPublisher, RecordingPublisher
 
@@ -152,10 +158,14 @@ def test_finish_snapshots_the_last_step_and_publishes_the_summary(
     assert summary.config == recorder.configs[0]
     assert "per-layer spectra at step 12" in summary.text and "L01_mlp_out" in summary.text
     assert "pruning advice" in summary.text
-    assert summary.summary_scalars["spectral_lifecycle/num_blocks"] == 2.0
-    # run-level figures never reuse a per-step series key (no second point at the last step)
-    assert not set(summary.summary_scalars) & set(summary.last.scalars())
-    assert "spectral_lifecycle/delta_alpha_run/all" in summary.summary_scalars
+    assert summary.summary_scalars["spectral_run/num_blocks"] == 2.0
+    # run-level figures live in their own section, never in a per-step series
+    assert all(key.startswith("spectral_run/") and "/" not in key.split("/", 1)[1]
+               for key in summary.summary_scalars)
+    assert "spectral_run/delta_alpha_all" in summary.summary_scalars
+    assert "spectral_run/prune_rank_L00" in summary.summary_scalars  # every figure is kept ...
+    headline = summary.headline_scalars()  # ... but trackers keeping them as metrics get the headline
+    assert set(headline) <= set(HEADLINE_RUN) and "spectral_run/num_blocks" in headline
     assert "per-layer spectra at step 12" in caplog.text
 
 
@@ -227,7 +237,10 @@ def test_attention_bounds_plug_in_as_an_analysis(model: CharGPT) -> None:
     tracker = SpectralTracker(model, every_n_steps=1, attention={"sample_batch": sample})
     report = tracker.step(0)
     keys = [k for k in report.extra_scalars if k.startswith("spectral_attention/")]
-    assert "spectral_attention/interaction_norm/L00_attn" in keys
+    assert sorted(keys) == sorted(f"spectral_attention/{name}/L{d:02d}_attn"
+                                  for name in HEADLINE_ATTENTION for d in range(TINY.n_layer))
+    full = SpectralTracker(model, every_n_steps=1, attention={"sample_batch": sample}, series="all").step(0)
+    assert "spectral_attention/interaction_norm/L00_attn" in full.extra_scalars
     assert len(report.tables["attention_heads"]) == TINY.n_layer * TINY.n_head
     summary = tracker.finish()
     assert "attention logit bounds" in summary.text
@@ -315,3 +328,34 @@ def test_background_snapshots_publish_the_same_steps_and_values_as_synchronous()
         assert got.scalars() == expected.scalars()
     assert len(bg.summaries) == 1 and bg.summaries[0].summary_scalars == sync.summaries[0].summary_scalars
     assert bg_tracker.snapshotter is None and bg_tracker.last_step == 12
+
+
+def test_by_default_a_run_publishes_a_short_readable_list(model: CharGPT) -> None:
+    recorder = RecordingPublisher()
+    tracker = SpectralTracker(model, every_n_steps=2, publishers=[recorder])
+    train(model, tracker, range(6))
+    report = recorder.reports[-1]
+    assert report.metrics == DEFAULT_SERIES_METRICS == ("alpha", "stable_rank")
+    lifecycle = {k for k in report.scalars() if k.startswith("spectral_lifecycle/")}
+    assert lifecycle and lifecycle <= set(HEADLINE_LIFECYCLE)
+    assert len(report.scalars()) <= 2 * len(tracker.model_map) + len(HEADLINE_LIFECYCLE)
+    # every metric is still computed and kept in the snapshot
+    assert math.isfinite(report.snapshot.layer("L01_q").metric("spectral_norm"))
+    # the lifecycle maps ride along as images; the heatmaps keep the first snapshot's colour scale
+    assert set(report.images) == {"spectral_map/stable_rank", "spectral_map/alpha"}
+    lifecycle_map = report.images["spectral_map/stable_rank"]
+    assert [p.group for p in lifecycle_map.panels] == ["qk", "vo", "mlp"]
+    assert list(lifecycle_map.panels[0].steps) == [r.step for r in recorder.reports] == [2, 4, 6]
+    assert lifecycle_map.to_rgb().shape[2] == 3
+    scales = [{h.metric: h.scale for h in r.heatmaps()} for r in recorder.reports]
+    assert all(s == scales[0] for s in scales) and scales[0]["alpha"] is not None
+
+    everything = RecordingPublisher()
+    full = SpectralTracker(model, every_n_steps=2, publishers=[everything], metrics="all", series="all")
+    full.step(8)
+    full.step(10)
+    keys = set(everything.reports[-1].scalars())
+    assert {k.split("/")[0] for k in keys} >= {"spectral_spectral_norm", "spectral_effective_rank"}
+    assert {k for k in keys if k.startswith("spectral_lifecycle/")} > set(HEADLINE_LIFECYCLE) & keys
+    with pytest.raises(ValueError, match="headline"):
+        SpectralTracker(model, series="some")
