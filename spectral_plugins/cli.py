@@ -19,6 +19,7 @@ _SUBCOMMANDS = (
     ("spectral_plugins.demo.cli", "add_demo_parser"),
     ("spectral_plugins.runs.compare", "add_compare_parser"),
     ("spectral_plugins.runs.report", "add_report_parser"),
+    ("spectral_plugins.adapters.wandb_workspace", "add_wandb_workspace_parser"),
 )
 
 

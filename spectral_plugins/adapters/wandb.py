@@ -30,10 +30,12 @@ from ..core.keys import STEP_KEY
 from ..core.metrics import METRICS
 from ..core.options import metric_list, positive_int
 from ..runtime.publishing import RunSummary, StepReport
+from .wandb_workspace import spectral_workspace
 
 __all__ = [
-    "INSTALL_HINT", "HEATMAP_SECTION", "TABLE_SECTION", "DEPTH_SECTION", "SUMMARY_SECTION",
-    "CONFIG_KEY", "LINE_SERIES_TABLE_SUFFIX", "import_wandb", "summary_kind", "WandbPublisher",
+    "spectral_workspace", "INSTALL_HINT", "HEATMAP_SECTION", "TABLE_SECTION", "DEPTH_SECTION",
+    "SUMMARY_SECTION", "CONFIG_KEY", "LINE_SERIES_TABLE_SUFFIX", "import_wandb", "summary_kind",
+    "WandbPublisher",
 ]
 
 INSTALL_HINT = "pip install 'spectral-plugins[wandb]'"

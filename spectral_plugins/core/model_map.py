@@ -376,15 +376,17 @@ def _select(drafts: list[dict[str, Any]], include: _Patterns, exclude: _Patterns
 
 
 def _warn_unclassified(matrices: tuple[MatrixRef, ...]) -> None:
-    """One warning when the architecture was not recognised inside its blocks (or at all)."""
-    unknown = [m.name for m in matrices if m.role == "other" and m.depth is not None]
-    if not unknown and any(m.role != "other" for m in matrices):
+    """One notice per mapping naming the matrices that fell to role ``other`` (inside the blocks or
+    outside them, such as a pooler) and how to set their role."""
+    unknown = [m.name for m in matrices if m.role == "other"]
+    if not unknown:
         return
-    unknown = unknown or [m.name for m in matrices]
+    example = unknown[0].removesuffix(".weight")
     warnings.warn(
         f"spectral-plugins: {len(unknown)} of {len(matrices)} matrices have no recognised role and are "
-        f"analysed as role 'other' (e.g. {unknown[:3]}). Name them with "
-        "map_model(..., roles={'<glob on module path>': 'q'|'k'|'v'|'o'|'mlp_in'|...}) "
-        "to get per-role panels.",
+        f"analysed as role 'other' ({', '.join(unknown[:5])}{', ...' if len(unknown) > 5 else ''}). "
+        f"Set a role with roles={{'{example}': 'mlp_in'}} (a glob on the module path; roles: "
+        "q, k, v, o, mlp_in, mlp_gate, mlp_out, embed, pos_embed, lm_head), or leave it out with "
+        f"exclude=['{example}*'].",
         stacklevel=4,
     )

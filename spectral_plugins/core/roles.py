@@ -34,8 +34,11 @@ _MLP_GATE = {"gate_proj", "w1", "wi_0", "gate"}
 _MLP_OUT = {"down_proj", "fc2", "dense_4h_to_h", "fc_out", "lin2", "linear2", "w2", "wo", "c_proj", "w_out"}
 _EMBED = {"wte", "embed_tokens", "word_embeddings", "embed_in", "tok_embeddings", "token_type_embeddings",
           "tok_emb", "token_embedding", "embedding", "embeddings", "shared"}
+# A user's ``self.pos = nn.Embedding(...)`` is a position embedding too, so that every architecture
+# keys it ``pos_embed`` (never ``embed_pos``, the key of a second token-like embedding).
 _POS_EMBED = {"wpe", "position_embeddings", "embed_positions", "pos_emb", "pos_embedding",
-              "position_embedding", "relative_attention_bias"}
+              "position_embedding", "relative_attention_bias", "pos", "pos_embed", "wpos",
+              "positional_embedding"}
 _LM_HEAD = {"lm_head", "embed_out", "output", "head", "decoder", "unembed"}
 
 # Fused q/k/v projections: stacked [q; k; v] along the output dimension ...

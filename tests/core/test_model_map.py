@@ -184,3 +184,20 @@ def test_pretrained_minilm_maps_to_six_blocks_with_plausible_metrics(minilm_path
         assert layer.stable_rank < 0.25 * min(layer.shape), layer
         assert 1 <= layer.effective_rank <= min(layer.shape)
     assert set(ROLES) >= {layer.role for layer in snapshot.layers}
+
+
+def test_a_user_position_embedding_is_pos_embed_and_other_matrices_are_named_once() -> None:
+    class Encoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.tok = nn.Embedding(10, 8)
+            self.pos = nn.Embedding(4, 8)
+            self.pooler = nn.Sequential()
+            self.pooler.dense = nn.Linear(8, 8)
+
+    with pytest.warns(UserWarning, match=r"\(pooler\.dense\.weight\)\. Set a role with "
+                                          r"roles=\{'pooler\.dense': 'mlp_in'\}") as caught:
+        model_map = map_model(Encoder())
+    assert len(caught) == 1
+    assert [(ref.key, ref.role) for ref in model_map] == [
+        ("embed", "embed"), ("pos_embed", "pos_embed"), ("other", "other")]
