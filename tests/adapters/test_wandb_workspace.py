@@ -33,7 +33,8 @@ def test_sections_in_reading_order_with_one_plot_per_metric_and_role_group() -> 
     [maps, lifecycle, alpha, *_] = sections
     assert [p["config"]["mediaKeys"] for p in maps["panels"]] == [["spectral_map/stable_rank"],
                                                                    ["spectral_map/alpha"]]
-    wave = next(p["config"] for p in lifecycle["panels"] if p["config"]["chartTitle"].endswith("wave_front_depth"))
+    wave = next(p["config"] for p in lifecycle["panels"]
+                if p["config"]["chartTitle"].endswith("wave_front_depth"))
     assert wave["metrics"] == [f"spectral_lifecycle/wave_front_depth/{g}" for g in ("qk", "vo", "mlp")]
     charts = {p["config"]["chartTitle"]: p["config"] for p in alpha["panels"]}
     assert list(charts) == ["alpha · qk", "alpha · vo", "alpha · mlp", "alpha · embed+pos_embed+lm_head"]

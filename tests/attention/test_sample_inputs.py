@@ -212,7 +212,9 @@ def test_the_tracker_publishes_observed_logits_of_a_users_own_model(ids: torch.T
     from spectral_plugins.runtime.tracker import SpectralTracker
 
     net = model()
-    tracker = SpectralTracker(net, every_n_steps=1, history=False, attention={"sample_batch": ids})
+    # series="all": every attention quantity (the default publishes the rank-aware bound and its scale)
+    tracker = SpectralTracker(net, every_n_steps=1, history=False, attention={"sample_batch": ids},
+                              series="all")
     report = tracker.step(1)
     tracker.close()
     assert report is not None

@@ -43,6 +43,7 @@ from tests.conftest import tiny_gpt2
     ({"device": "gpu0"}, r"device='gpu0' is not a device"),
     ({"background": "yes"}, r"background must be True or False, got 'yes'"),
     ({"distributed": 1}, r"distributed must be True, False or None, got 1"),
+    ({"series": "some"}, r"series='some'; choose one of \['headline', 'all'\]"),
 ])
 def test_each_bad_option_is_refused_by_its_public_name(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -69,7 +70,8 @@ def test_a_string_is_one_name_everywhere() -> None:
 
 def test_defaults_and_valid_values_pass_unchanged() -> None:
     options = check_options()
-    assert options.metrics == METRIC_NAMES and options.heatmap == ("alpha", "stable_rank")
+    assert options.metrics == ("alpha", "stable_rank") and options.heatmap == ("alpha", "stable_rank")
+    assert options.series == "headline" and check_options(metrics="all", series="all").metrics == METRIC_NAMES
     assert options.history is True and options.threads == 1 and options.distributed is None
     assert check_options(metrics=["stable_rank"], heatmap=True).heatmap == ("stable_rank",)
     assert check_options(heatmap=False).heatmap == ()

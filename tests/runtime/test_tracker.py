@@ -357,5 +357,5 @@ def test_by_default_a_run_publishes_a_short_readable_list(model: CharGPT) -> Non
     keys = set(everything.reports[-1].scalars())
     assert {k.split("/")[0] for k in keys} >= {"spectral_spectral_norm", "spectral_effective_rank"}
     assert {k for k in keys if k.startswith("spectral_lifecycle/")} > set(HEADLINE_LIFECYCLE) & keys
-    with pytest.raises(ValueError, match="headline"):
+    with pytest.raises(ValueError, match="series='some'; choose one of"):
         SpectralTracker(model, series="some")
