@@ -5,7 +5,7 @@ wandb-workspace ENTITY/PROJECT``).
 W&B's automatic workspace draws one chart per logged key. A workspace definition
 (`wandb-workspaces <https://github.com/wandb/wandb-workspaces>`_, the optional extra
 ``spectral-plugins[wandb-workspaces]``) can put every layer of a role group on one chart instead.
-Building the :class:`~wandb_workspaces.workspaces.Workspace` needs no network; saving it
+Building the ``wandb_workspaces.workspaces.Workspace`` needs no network; saving it
 (``workspace.save()``) needs a W&B login and a reachable server.
 
 Sections, in reading order: the lifecycle maps, the headline lifecycle series, one section per
