@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from wandb.proto.wandb_internal_pb2 import Record
+    # The protobuf module is generated at import time, so mypy cannot see its classes.
+    from wandb.proto.wandb_internal_pb2 import Record  # type: ignore[attr-defined]
 
 __all__ = [
     "WandbMetricDefinition", "WandbOfflineRun", "iter_wandb_records", "wait_for_wandb_exit",
@@ -128,7 +129,7 @@ def iter_wandb_records(path: Path) -> Iterator[Record]:
     Raises ``ValueError`` on a bad file header, a checksum mismatch or a broken chunk sequence.
     A record cut short at the end of the file (a run still being written) ends the iteration.
     """
-    from wandb.proto.wandb_internal_pb2 import Record
+    from wandb.proto.wandb_internal_pb2 import Record  # type: ignore[attr-defined]  # generated
 
     data = Path(path).read_bytes()
     ident, magic, version = _FILE_HEADER.unpack_from(data, 0)
@@ -176,11 +177,12 @@ def _set_path(target: dict[str, Any], path: list[str], value: Any) -> None:
 
 
 def _remove_path(target: dict[str, Any], path: list[str]) -> None:
+    node: Any = target
     for key in path[:-1]:
-        target = target.get(key)
-        if not isinstance(target, dict):
+        node = node.get(key)
+        if not isinstance(node, dict):
             return
-    target.pop(path[-1], None)
+    node.pop(path[-1], None)
 
 
 def _apply(target: dict[str, Any], updates: Any, removes: Any = ()) -> None:
