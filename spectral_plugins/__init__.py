@@ -16,6 +16,7 @@ from .lifecycle.history import SpectralHistory
 from .lifecycle.importance import BlockImportance, PruningAdvice, advise_pruning, importance_from_history
 from .lifecycle.pruning import PruningEvaluation, evaluate_pruning, skip_blocks
 from .lifecycle.signals import LifecycleConfig, LifecycleState, LifecycleSummary, SpectralLifecycle, summarize
+from .runs.compare import Comparison, compare_runs
 from .runtime.background import BackgroundSnapshotter, SnapshotterStats
 from .runtime.distributed import DistributedAnalyzer, distributed_analyze
 from .runtime.tracker import SpectralTracker
@@ -24,6 +25,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "SpectralTracker",
+    "Comparison",
+    "compare_runs",
     "BackgroundSnapshotter",
     "DistributedAnalyzer",
     "SnapshotterStats",

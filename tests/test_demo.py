@@ -6,10 +6,11 @@ import argparse
 import sqlite3
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from spectral_plugins import map_model
+from spectral_plugins import compare_runs, map_model
 from spectral_plugins.demo.cli import add_demo_parser
 from spectral_plugins.demo.data import VOCAB, CharWindows, decode, encode, stdlib_dir, stdlib_text
 from spectral_plugins.demo.model import CharGPT, GPTConfig
@@ -122,3 +123,14 @@ def test_a_short_demo_writes_all_three_trackers(tmp_path: Path, monkeypatch: pyt
                for row in wandb_run.history) for m in ("stable_rank", "alpha"))
     artifacts = tmp_path / "out" / "mlartifacts"
     assert {p.name for p in artifacts.rglob("spectral/maps/*.png")} == {"stable_rank.png", "alpha.png"}
+
+    # The same run read back from each tracker compares equal, params included.
+    comparison = compare_runs([str(version_dir), str(result.wandb_run_dir), f"mlflow:{result.mlflow_run_id}"],
+                              tracking_uri=result.mlflow_uri)
+    histories = [run.history for run in comparison.runs]
+    assert all(list(h.steps) == [0, 2, 4] for h in histories)
+    for history in histories[1:]:
+        np.testing.assert_allclose(history.values("alpha"), histories[0].values("alpha"), rtol=1e-6)
+    assert all(run.params.get("lr") == "0.003" for run in comparison.runs)
+    files = comparison.save(tmp_path / "compare")
+    assert files.html.exists() and len(files.figures) == 4

@@ -21,6 +21,7 @@ def add_demo_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--every-n-steps", type=int, default=25, help="snapshot interval (default: 25)")
     parser.add_argument("--batch-size", type=int, default=16, help="windows per batch (default: 16)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default: 3e-3)")
     parser.add_argument("--trackers", default=",".join(TRACKERS),
                         help=f"comma-separated subset of {','.join(TRACKERS)} (default: all)")
     parser.add_argument("--no-attention", action="store_true", help="skip the attention logit bounds")
@@ -36,5 +37,5 @@ def _run(args: argparse.Namespace) -> int:
     trackers = [name.strip() for name in args.trackers.split(",") if name.strip()]
     run_demo(out_dir=args.out_dir, max_steps=args.max_steps, every_n_steps=args.every_n_steps,
              batch_size=args.batch_size, trackers=trackers, seed=args.seed, attention=not args.no_attention,
-             threads=args.threads or None)
+             threads=args.threads or None, lr=args.lr)
     return 0

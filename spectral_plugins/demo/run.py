@@ -71,6 +71,7 @@ def run_demo(
     max_chars: int = 2_000_000,
     verbose: bool = True,
     threads: int | None = 1,
+    lr: float = 3e-3,
 ) -> DemoResult:
     """Train the demo model and publish its spectra to the chosen trackers (see the module docs).
 
@@ -87,6 +88,8 @@ def run_demo(
         verbose: show Lightning's progress bar and print the instructions.
         threads: CPU threads for the run (restored afterwards; None keeps torch's setting). The
             model is small: on 2 vCPUs one thread trained 400 steps in 86 s, two threads in 178 s.
+        lr: the peak learning rate (AdamW); runs that differ only in it are what
+            ``spectral-plugins compare`` is for.
 
     Raises:
         ValueError: an unknown tracker name, or ``max_steps`` / ``every_n_steps`` < 1.
@@ -99,12 +102,12 @@ def run_demo(
     started = time.perf_counter()
     with cpu_threads(threads):
         return _train(Path(out_dir).resolve(), max_steps, every_n_steps, batch_size, trackers, config, seed,
-                      attention, max_chars, verbose, started)
+                      attention, max_chars, verbose, started, lr)
 
 
 def _train(out: Path, max_steps: int, every_n_steps: int, batch_size: int, trackers: Sequence[str],
            config: GPTConfig | None, seed: int, attention: bool, max_chars: int, verbose: bool,
-           started: float) -> DemoResult:
+           started: float, lr: float = 3e-3) -> DemoResult:
     from lightning.pytorch import Trainer, seed_everything
     from torch.utils.data import DataLoader
 
@@ -116,7 +119,7 @@ def _train(out: Path, max_steps: int, every_n_steps: int, batch_size: int, track
     config = config or GPTConfig(vocab_size=len(VOCAB))
     dataset = CharWindows(encode(stdlib_text(max_chars)), config.block_size, max_steps * batch_size, seed)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
-    loggers = _loggers(out, trackers)
+    loggers = _loggers(out, trackers, f"chargpt-lr{lr:g}-seed{seed}")
     sample = dataset[0][0][None]
     monitor = SpectralMonitor(every_n_steps=every_n_steps,
                               attention={"sample_batch": sample} if attention else False)
@@ -124,7 +127,7 @@ def _train(out: Path, max_steps: int, every_n_steps: int, batch_size: int, track
                       logger=list(loggers.values()) or False, callbacks=[monitor],
                       enable_checkpointing=False, log_every_n_steps=5, enable_progress_bar=verbose,
                       enable_model_summary=verbose, default_root_dir=str(out))
-    module = CharGPTModule(config)
+    module = CharGPTModule(config, lr=lr)
     trainer.fit(module, loader)
     loss = float(trainer.callback_metrics.get("train/loss", float("nan")))
     result = _result(out, loggers, trainer, monitor, loss, time.perf_counter() - started)
@@ -133,7 +136,7 @@ def _train(out: Path, max_steps: int, every_n_steps: int, batch_size: int, track
     return result
 
 
-def _loggers(out: Path, trackers: Sequence[str]) -> dict[str, Any]:
+def _loggers(out: Path, trackers: Sequence[str], run_name: str = "chargpt") -> dict[str, Any]:
     loggers: dict[str, Any] = {}
     if "tensorboard" in trackers:
         from lightning.pytorch.loggers import TensorBoardLogger
@@ -146,7 +149,7 @@ def _loggers(out: Path, trackers: Sequence[str]) -> dict[str, Any]:
         loggers["mlflow"] = MLFlowLogger(experiment_name=EXPERIMENT,
                                          tracking_uri=f"sqlite:///{out / 'mlflow.db'}",
                                          artifact_location=(out / "mlartifacts").as_uri(),
-                                         run_name=f"chargpt-{time.strftime('%Y%m%d-%H%M%S')}")
+                                         run_name=f"{run_name}-{time.strftime('%Y%m%d-%H%M%S')}")
     if "wandb" in trackers:
         from lightning.pytorch.loggers import WandbLogger
 

@@ -82,16 +82,18 @@ def plot_report(history: SpectralHistory, summary: LifecycleSummary, path: str |
 
 
 @contextlib.contextmanager
-def saved_figure(path: str | Path, **figure_options: Any) -> Iterator[Any]:
+def saved_figure(path: str | Path, tight: bool = True, **figure_options: Any) -> Iterator[Any]:
     """A matplotlib ``Figure`` (no pyplot, so the user's backend is left alone) written to ``path``
-    as PNG when the block ends without error; matplotlib is imported only here."""
+    as PNG when the block ends without error (``tight``: after ``tight_layout``, else as the block
+    placed its axes); matplotlib is imported only here."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     fig = Figure(**figure_options)
     FigureCanvasAgg(fig)
     yield fig
-    fig.tight_layout()
+    if tight:
+        fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
 

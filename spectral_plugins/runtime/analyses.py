@@ -52,6 +52,26 @@ HEADLINE_RUN: tuple[str, ...] = (
 HEADLINE_ATTENTION: tuple[str, ...] = ("logit_bound_rank_aware", "fp8_e4m3_scale_rank_aware")
 
 
+def is_headline(key: str, headline: Sequence[str]) -> bool:
+    """Whether ``key`` is one of ``headline``, or the same key of one stack of a multi-stack model
+    (``.../wave_front_depth/encoder_qk`` for ``.../wave_front_depth/qk``,
+    ``spectral_run/wave_speed_encoder_qk`` for ``spectral_run/wave_speed_qk``,
+    ``.../qk_vo_asymmetry/encoder`` for ``.../qk_vo_asymmetry``, ``spectral_run/qk_vo_asymmetry_encoder``)."""
+    if key in headline:
+        return True
+    return any(key.startswith((h + "/", h + "_")) or _stack_variant(key, h) for h in headline)
+
+
+def _stack_variant(key: str, headline_key: str) -> bool:
+    head, _, group = headline_key.rpartition("/")
+    if head.count("/") and key.startswith(head + "/"):  # .../<name>/<stack>_<group>
+        return key.rpartition("/")[2].endswith("_" + group)
+    name_group = group.rsplit("_", 1)  # spectral_run/<name>_<group> -> <name>_<stack>_<group>
+    body = key.partition("/")[2]
+    return (len(name_group) == 2 and key.partition("/")[0] == head and body.startswith(name_group[0] + "_")
+            and body.endswith("_" + name_group[1]) and len(body) > len(group) + 1)
+
+
 def run_figure_key(lifecycle_summary_key: str) -> str:
     """``spectral_lifecycle/<name>[_run][/<group>]`` (a run-level figure) -> ``spectral_run/<name>[_<group>]``
     (the key of the same figure in its own section)."""
@@ -121,7 +141,7 @@ class LifecycleAnalysis:
 
         scalars = self.lifecycle.update(snapshot).scalars()
         if self.series == "headline":
-            scalars = {key: value for key, value in scalars.items() if key in HEADLINE_LIFECYCLE}
+            scalars = {key: value for key, value in scalars.items() if is_headline(key, HEADLINE_LIFECYCLE)}
         history, config = self.lifecycle.history, self.lifecycle.config
         maps = {map_key(metric): lifecycle_map(history, metric, config=config) for metric in self.map_metrics}
         return AnalysisOutput(scalars=scalars, images=maps)
@@ -208,6 +228,8 @@ class Analyses:
         figures (``headline``: those trackers keep as metrics, None: all) and text."""
         output = self._run("summary")
         text = "\n\n".join(t for t in (layer_table(last.snapshot, last.metrics), output.text) if t)
+        if headline is not None:  # the headline figures of every stack of a multi-stack model
+            headline = tuple(key for key in output.scalars if is_headline(key, headline))
         return RunSummary(last=last, summary_scalars=dict(output.scalars), text=text, config=dict(config),
                           headline=headline)
 

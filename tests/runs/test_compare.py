@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from spectral_plugins import compare_runs
 from spectral_plugins.lifecycle.history import SpectralHistory
 from spectral_plugins.lifecycle.signals import LifecycleConfig
 from spectral_plugins.runs.compare import (
@@ -104,12 +105,15 @@ def test_compare_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
         specs.append(str(tmp_path / f"L{n}"))
     _depth_run(16).to_json(tmp_path / "L16.json")
     specs.append(str(tmp_path / "L16.json"))
-    args = _cli(tmp_path).parse_args(["compare", *specs, "--plot", str(tmp_path / "cmp.png")])
+    args = _cli(tmp_path).parse_args(["compare", *specs, "--out", str(tmp_path / "cmp")])
     assert args.handler(args) == 0
     out = capsys.readouterr().out
     assert "L4" in out and "L16" in out and "R^2 = 1.000" in out
     assert "L^0.260" in out  # float32 storage in TensorBoard changes nothing at 3 decimals
-    assert (tmp_path / "cmp.png").read_bytes().startswith(PNG_MAGIC)
+    page = (tmp_path / "cmp" / "compare.html").read_text()
+    for png in ("maps_stable_rank.png", "maps_alpha.png", "series.png", "profiles.png", "depth_scaling.png"):
+        assert (tmp_path / "cmp" / png).read_bytes().startswith(PNG_MAGIC) and f'src="{png}"' in page
+    assert "nan" not in page.lower().replace("nanmean", "")
 
 
 def test_report_renders_html_and_png(tmp_path: Path) -> None:
@@ -155,6 +159,51 @@ def test_mlflow_runs_and_experiment(mlflow_server, tmp_path: Path,  # mlflow_ser
     loaded = load_run(f"mlflow:{run.info.run_id}", tracking_uri=mlflow_server.uri)
     assert loaded.name == "L16" and loaded.history.num_blocks == 16
     args = _cli(tmp_path).parse_args(["compare", "--mlflow-experiment", "depth-sweep", "--tracking-uri",
-                                      mlflow_server.uri, "--plot", str(tmp_path / "mlflow.png")])
+                                      mlflow_server.uri, "--out", str(tmp_path / "mlflow")])
     assert args.handler(args) == 0
     assert "L^0.260" in capsys.readouterr().out
+    comparison = compare_runs(["mlflow-experiment:depth-sweep"], tracking_uri=mlflow_server.uri)
+    assert sorted(r.name for r in comparison.runs) == ["L16", "L4", "L8"]
+
+    missing = _cli(tmp_path).parse_args(["compare", "mlflow:0123456789abcdef", "--tracking-uri",
+                                         mlflow_server.uri, "--out", str(tmp_path / "never")])
+    assert missing.handler(missing) == 2
+    [line] = capsys.readouterr().out.strip().splitlines()
+    assert mlflow_server.uri in line and "MLFLOW_TRACKING_URI" in line
+    assert not (tmp_path / "never").exists()
+
+
+def test_two_runs_of_one_depth_get_no_fit_but_one_line_why(tmp_path: Path) -> None:
+    a, b = tmp_path / "lr_1e-3.json", tmp_path / "lr_3e-3.json"
+    wave_history(num_blocks=4, last=1000, interval=50).to_json(a)
+    wave_history(num_blocks=4, last=1000, interval=50, speed=2.0).to_json(b)
+    comparison = compare_runs([str(a), str(b)])
+    assert comparison.fit_note() == ("No Delta-alpha vs depth fit: it needs runs of at least 3 distinct "
+                                     "depths; these runs have 1 (L = 4).")
+    assert comparison.fit_note() in format_table(comparison) and "R^2" not in format_table(comparison)
+    rows = comparison.table()
+    assert [r["run"] for r in rows] == ["lr_1e-3", "lr_3e-3"] and all(r["blocks"] == 4 for r in rows)
+    assert all("nan" not in str(value) for row in rows for value in row.values())
+    files = comparison.save(tmp_path / "out")
+    assert [p.name for p in files.figures] == ["maps_stable_rank.png", "maps_alpha.png", "series.png",
+                                               "profiles.png"]  # no depth-scaling plot
+    assert "No Delta-alpha vs depth fit" in files.html.read_text()
+
+
+def test_a_missing_store_or_run_ends_in_one_line_and_creates_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("mlflow")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    args = _cli(tmp_path).parse_args(["compare", "mlflow:abc", "mlflow-experiment:sweep"])
+    assert args.handler(args) == 2
+    [line] = capsys.readouterr().out.strip().splitlines()
+    assert "no MLflow store at sqlite:///" in line and "--tracking-uri" in line
+    assert "MLFLOW_TRACKING_URI" in line
+    missing_file = f"sqlite:///{tmp_path / 'nothing.db'}"
+    args = _cli(tmp_path).parse_args(["compare", "mlflow:abc", "--tracking-uri", missing_file])
+    assert args.handler(args) == 2
+    assert missing_file in capsys.readouterr().out
+    args = _cli(tmp_path).parse_args(["compare", str(tmp_path / "no_such_dir")])
+    assert args.handler(args) == 2 and "no run at" in capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == []  # no mlflow.db, no output folder

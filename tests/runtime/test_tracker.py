@@ -359,3 +359,15 @@ def test_by_default_a_run_publishes_a_short_readable_list(model: CharGPT) -> Non
     assert {k for k in keys if k.startswith("spectral_lifecycle/")} > set(HEADLINE_LIFECYCLE) & keys
     with pytest.raises(ValueError, match="series='some'; choose one of"):
         SpectralTracker(model, series="some")
+
+
+def test_the_headline_lists_hold_for_every_stack_of_a_multi_stack_model() -> None:
+    from spectral_plugins.runtime.analyses import is_headline
+
+    assert is_headline("spectral_lifecycle/wave_front_depth/encoder_qk", HEADLINE_LIFECYCLE)
+    assert is_headline("spectral_lifecycle/qk_vo_asymmetry/decoder", HEADLINE_LIFECYCLE)
+    assert not is_headline("spectral_lifecycle/wave_front_speed/qk", HEADLINE_LIFECYCLE)
+    assert not is_headline("spectral_lifecycle/wave_front_depth/all", HEADLINE_LIFECYCLE)
+    assert is_headline("spectral_run/wave_speed_encoder_qk", HEADLINE_RUN)
+    assert not is_headline("spectral_run/wave_r2_qk", HEADLINE_RUN)
+    assert not is_headline("spectral_run/prune_rank_L00", HEADLINE_RUN)
