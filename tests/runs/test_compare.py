@@ -193,8 +193,11 @@ def test_two_runs_of_one_depth_get_no_fit_but_one_line_why(tmp_path: Path) -> No
 def test_a_missing_store_or_run_ends_in_one_line_and_creates_nothing(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("mlflow")
+    from mlflow.tracking._tracking_service import utils
+
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(utils, "_tracking_uri", None)  # MLflow's own default (an earlier test may set one)
     args = _cli(tmp_path).parse_args(["compare", "mlflow:abc", "mlflow-experiment:sweep"])
     assert args.handler(args) == 2
     [line] = capsys.readouterr().out.strip().splitlines()
