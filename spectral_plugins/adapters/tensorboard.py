@@ -218,8 +218,9 @@ def custom_scalars_layout(snapshot: Snapshot, metrics: Iterable[str],
                 group_regex[label + group] = _roles_regex(snapshot, roles, stack)
                 grouped |= set(roles)
         rest = [r for r in BLOCK_ROLES if r in present and r not in grouped]
-        if rest:
-            group_regex[label + "other"] = _roles_regex(snapshot, rest, stack)
+        if rest:  # cross-attention (cross_q, ...) or roles of no group
+            name = "cross" if all(r.startswith("cross_") for r in rest) else "other"
+            group_regex[label + name] = _roles_regex(snapshot, rest, stack)
     outside = [la.key for la in snapshot if la.depth is None]
     layout: dict[str, dict[str, list[Any]]] = {}
     seen = {_name_after(key, LIFECYCLE_SECTION) for key in scalars if key.startswith(LIFECYCLE_SECTION + "/")}
