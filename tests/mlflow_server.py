@@ -103,13 +103,14 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 
 
 def start_mlflow_server(
-    root: Path, timeout_s: float = STARTUP_TIMEOUT_S
+    root: Path, timeout_s: float = STARTUP_TIMEOUT_S, port: int | None = None
 ) -> tuple[MlflowServer, subprocess.Popen[bytes]]:
-    """Start a server storing everything below ``root`` and wait until ``GET /health`` is OK.
+    """Start a server storing everything below ``root`` (on ``port``, default a free one; pass the
+    port of a stopped server to restart it) and wait until ``GET /health`` is OK.
 
     Raises ``RuntimeError`` with the server's output if it exits or is not healthy in time.
     """
-    port = free_port()
+    port = free_port() if port is None else port
     uri = f"http://127.0.0.1:{port}"
     artifacts_dir = root / "artifacts"
     artifacts_dir.mkdir(parents=True, exist_ok=True)
@@ -121,7 +122,7 @@ def start_mlflow_server(
         "--serve-artifacts", "--artifacts-destination", str(artifacts_dir),
         "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
     ]  # fmt: skip
-    with log_path.open("wb") as log:
+    with log_path.open("ab") as log:
         process = subprocess.Popen(
             command,
             cwd=root,

@@ -17,11 +17,14 @@ describes every key and artifact):
   run: what the runs table and the compare view sort on), every run-level figure in
   ``spectral/run_summary.json``, ``spectral/final_snapshot.json`` and ``spectral/summary.md``.
 
-A dead or stuck server never blocks training for long: every MLflow call runs on one daemon worker
-thread and the publisher waits at most ``timeout_s`` for it (raising ``TimeoutError``, which
-:class:`~spectral_plugins.runtime.publishing.GuardedPublisher` turns into one warning). While a timed-out
-call is still running, later calls fail at once instead of queueing behind it. The user's
-``MLFLOW_HTTP_REQUEST_*`` settings are left untouched.
+A dead or stuck server never blocks for long (the tracker calls this publisher from its outbox, off
+the training thread, and retries a failed call later): every MLflow call runs on one daemon worker
+thread and the publisher waits at most ``timeout_s`` for it (raising ``TimeoutError``). On that
+thread MLflow's HTTP requests are bounded too: no retries of their own and a request timeout of
+``timeout_s`` (MLflow's defaults, 7 retries and 120 s, block a call to a dead server for minutes);
+the user's ``MLFLOW_HTTP_REQUEST_*`` settings still apply on every other thread. While a timed-out
+call is still running, later calls fail at once instead of queueing behind it. A run the publisher
+created is ended FINISHED after the summary, FAILED when it is closed without one.
 """
 
 from __future__ import annotations
@@ -141,7 +144,8 @@ class MlflowPublisher:
         self.client: MlflowClient = client if client is not None else mlflow.MlflowClient(tracking_uri)
         self._params: dict[str, str] = {}
         self._last_published_step: int | None = None
-        self._worker = _DeadlineWorker(f"spectral-plugins-mlflow-{id(self):x}")
+        self._worker = _DeadlineWorker(f"spectral-plugins-mlflow-{id(self):x}", self.timeout_s)
+        self._summarized = False
         self._closed = False
 
     def publish_config(self, config: Mapping[str, Any]) -> None:
@@ -188,15 +192,17 @@ class MlflowPublisher:
             self._log_files(files)
 
         self._call(work)
+        self._summarized = True
 
     def close(self) -> None:
-        """End the run if this publisher created it (bounded by ``timeout_s`` like every call)."""
+        """End the run if this publisher created it: FINISHED after the summary, else FAILED (bounded
+        by ``timeout_s`` like every call; a failed close may be called again)."""
         if self._closed:
             return
-        self._closed = True
         if self.owns_run and self.run_id is not None:
-            run_id = self.run_id
-            self._call(lambda: self.client.set_terminated(run_id, "FINISHED"))
+            run_id, status = self.run_id, "FINISHED" if self._summarized else "FAILED"
+            self._call(lambda: self.client.set_terminated(run_id, status))
+        self._closed = True
 
     # ----------------------------------------------------------------------------------------
     # On the worker thread
@@ -291,8 +297,9 @@ class _DeadlineWorker:
     so that a call stuck in MLflow's retries cannot delay the end of the program either.
     """
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, timeout_s: float) -> None:
         self._name = name
+        self._timeout_s = timeout_s
         self._queue: queue.SimpleQueue[tuple[Callable[[], Any], concurrent.futures.Future[Any]]] = \
             queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -323,6 +330,7 @@ class _DeadlineWorker:
                                "reachable?); training continues") from None
 
     def _run(self) -> None:
+        _bound_http_requests(retries=0, timeout_s=max(1, math.ceil(self._timeout_s)))
         while True:
             fn, future = self._queue.get()
             if not future.set_running_or_notify_cancel():
@@ -331,3 +339,29 @@ class _DeadlineWorker:
                 future.set_result(fn())
             except BaseException as error:  # noqa: BLE001 - handed to the waiting caller
                 future.set_exception(error)
+
+
+# MLflow reads its HTTP settings from the environment at every request, process-wide. These
+# per-thread values let the publisher's worker bound its own requests without changing the user's.
+_HTTP_BOUNDS = threading.local()
+_HTTP_SETTINGS = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")
+
+
+def _bound_http_requests(retries: int, timeout_s: int) -> None:
+    """On the calling thread only: MLflow's HTTP requests make ``retries`` retries and time out after
+    ``timeout_s`` seconds. Elsewhere the settings stay what the user's environment says."""
+    from mlflow import environment_variables
+
+    for name, value in zip(_HTTP_SETTINGS, (retries, timeout_s)):
+        setattr(_HTTP_BOUNDS, name, value)
+        variable = getattr(environment_variables, name, None)
+        if variable is None or getattr(variable, "_spectral_per_thread", False):
+            continue
+        default = variable.get
+
+        def per_thread(name: str = name, default: Callable[[], Any] = default) -> Any:
+            value = getattr(_HTTP_BOUNDS, name, None)
+            return default() if value is None else value
+
+        variable.get = per_thread  # an instance attribute: shadows the class's method for this setting
+        variable._spectral_per_thread = True

@@ -223,11 +223,11 @@ class Analyses:
         return self._run("update", snapshot, model_map)
 
     def summarize(self, last: StepReport, config: Mapping[str, Any],
-                  headline: tuple[str, ...] | None = HEADLINE_RUN) -> RunSummary:
+                  headline: tuple[str, ...] | None = HEADLINE_RUN, footer: str = "") -> RunSummary:
         """The run summary: the per-layer table of the ``last`` report, then each analysis' run-level
-        figures (``headline``: those trackers keep as metrics, None: all) and text."""
+        figures (``headline``: those trackers keep as metrics, None: all) and text, then ``footer``."""
         output = self._run("summary")
-        text = "\n\n".join(t for t in (layer_table(last.snapshot, last.metrics), output.text) if t)
+        text = "\n\n".join(t for t in (layer_table(last.snapshot, last.metrics), output.text, footer) if t)
         if headline is not None:  # the headline figures of every stack of a multi-stack model
             headline = tuple(key for key in output.scalars if is_headline(key, headline))
         return RunSummary(last=last, summary_scalars=dict(output.scalars), text=text, config=dict(config),

@@ -1,11 +1,11 @@
-"""What the core hands to publishers, the publisher protocol, and the guard that keeps a failing
-tracker from ever reaching the training loop."""
+"""What the core hands to publishers, and the publisher protocol. Publishers are called from an
+:class:`~spectral_plugins.runtime.outbox.Outbox`, off the training thread, so a failing or slow
+tracker never reaches the training loop."""
 
 from __future__ import annotations
 
 import logging
 import math
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -13,6 +13,7 @@ from typing import Any, Protocol, runtime_checkable
 from ..core.heatmap import ColourScale, Heatmap, heatmaps
 from ..core.metrics import METRIC_NAMES
 from ..core.snapshot import Snapshot
+from .outbox import Outbox
 
 log = logging.getLogger("spectral_plugins")
 
@@ -141,56 +142,8 @@ class Publisher(Protocol):
         """Flush and release what the publisher opened itself (never a run the user owns)."""
 
 
-class GuardedPublisher:
-    """Wraps a publisher so that none of its errors reach training.
-
-    The first failure warns once (naming the publisher and the error); the publisher is retried on
-    the next call, and after ``max_consecutive_failures`` failures in a row it is disabled with a
-    second warning. Other publishers are unaffected because each one is guarded separately.
-    """
-
-    def __init__(self, publisher: Publisher, max_consecutive_failures: int = 3) -> None:
-        self.publisher = publisher
-        self.name = getattr(publisher, "name", type(publisher).__name__)
-        self.max_consecutive_failures = max_consecutive_failures
-        self.failures = 0
-        self.consecutive_failures = 0
-        self.disabled = False
-        self._warned = False
-
-    def publish_config(self, config: Mapping[str, Any]) -> None:
-        self._call("publish_config", config)
-
-    def publish_step(self, report: StepReport) -> None:
-        self._call("publish_step", report)
-
-    def publish_summary(self, summary: RunSummary) -> None:
-        self._call("publish_summary", summary)
-
-    def close(self) -> None:
-        self._call("close", force=True)
-
-    def _call(self, method: str, *args: Any, force: bool = False) -> None:
-        if self.disabled and not force:
-            return
-        try:
-            getattr(self.publisher, method)(*args)
-        except Exception as error:  # noqa: BLE001 - monitoring must never break training
-            self.failures += 1
-            self.consecutive_failures += 1
-            log.debug("publisher %s.%s failed", self.name, method, exc_info=True)
-            if not self._warned:
-                self._warned = True
-                warnings.warn(f"spectral-plugins: publisher {self.name!r} failed in {method} "
-                              f"({type(error).__name__}: {error}); training continues, it will be retried",
-                              RuntimeWarning, stacklevel=4)
-            if self.consecutive_failures >= self.max_consecutive_failures and not self.disabled:
-                self.disabled = True
-                warnings.warn(f"spectral-plugins: publisher {self.name!r} failed {self.consecutive_failures} "
-                              "times in a row and is disabled for the rest of the run", RuntimeWarning,
-                              stacklevel=4)
-        else:
-            self.consecutive_failures = 0
+# Kept for code written against the synchronous guard: every publisher now sits behind an outbox.
+GuardedPublisher = Outbox
 
 
 def console() -> logging.Logger:

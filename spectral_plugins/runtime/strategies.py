@@ -33,6 +33,7 @@ from ..core.model_map import ModelMap
 from ..core.snapshot import Snapshot
 from .background import BackgroundSnapshotter
 from .distributed import DistributedAnalyzer
+from .outbox import RateLimitedWarning
 
 log = logging.getLogger("spectral_plugins")
 
@@ -55,6 +56,7 @@ class SnapshotCounts:
     def __init__(self) -> None:
         self.skipped = 0
         self.failed = 0
+        self.warn_skipped = RateLimitedWarning()
 
     def fail(self, step: int, error: BaseException) -> None:
         self.failed += 1
@@ -155,9 +157,16 @@ class Background(SnapshotStrategy):
         self.worker, self.inline = worker, inline
 
     def submit(self, step: int) -> bool:
-        skipped = self.worker.stats.skipped
+        skipped, busy = self.worker.stats.skipped, self.worker.pending_step
         accepted = self.worker.submit(step)
-        self.counts.skipped += self.worker.stats.skipped - skipped
+        if self.worker.stats.skipped > skipped:
+            self.counts.skipped += 1
+            self.counts.warn_skipped(
+                f"spectral-plugins: step {step} was due but the snapshot of step {busy} is still "
+                f"computing, so it is skipped ({self.counts.skipped} so far, tracker.stats.skipped). "
+                "A snapshot takes longer than every_n_steps steps: raise every_n_steps, analyse fewer "
+                "matrices (include=/exclude=), or set background=False to take every due step",
+                stacklevel=4)
         return accepted
 
     def collect(self) -> list[Finished]:

@@ -16,6 +16,7 @@ reports to the publishers and keeps the state to resume from; how a snapshot is 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -28,9 +29,10 @@ from ..core.options import check_options
 from ..core.snapshot import Snapshot
 from .analyses import HEADLINE_RUN, Analyses, Analysis, default_analyses
 from .background import BackgroundSnapshotter
-from .delivery import Delivery
+from .delivery import Delivery, TrackerStats
 from .fast import FastLaneRunner
-from .publishing import GuardedPublisher, Publisher, RunSummary, StepReport, console
+from .outbox import DEFAULT_CAPACITY, Outbox
+from .publishing import Publisher, RunSummary, StepReport, console
 from .strategies import make_strategy
 
 STATE_FORMAT = "spectral_plugins.tracker"  # the saved-state name since 0.1.0, not a module path
@@ -46,7 +48,8 @@ class SpectralTracker:
             weights, so later snapshots see the trained values).
         every_n_steps: snapshot when ``step % every_n_steps == 0`` (>= 1).
         publishers: tracker sinks (:class:`~spectral_plugins.runtime.publishing.Publisher`); each is
-            wrapped in a :class:`~spectral_plugins.runtime.publishing.GuardedPublisher`.
+            fed from an :class:`~spectral_plugins.runtime.outbox.Outbox` by a worker thread: the
+            training thread only enqueues; failed deliveries are retried, losses counted (:attr:`stats`).
         metrics: metric names to publish as per-matrix series (default
             :data:`~spectral_plugins.core.metrics.DEFAULT_SERIES_METRICS`: alpha and stable rank;
             ``"all"`` for every metric of :data:`~spectral_plugins.core.metrics.METRICS`). Every metric
@@ -90,6 +93,9 @@ class SpectralTracker:
             error against the exact values (``spectral_fast/max_rel_error``). Default
             :data:`DEFAULT_FAST_EVERY_N_STEPS` (5: 20 points per 100 steps, the demo's compression
             phase); None turns it off.
+        outbox_size: entries each publisher's outbox keeps while its sink is slow or down (a full
+            outbox drops its oldest entry, counted and warned about).
+        publish_timeout_s: how long :meth:`close` (and :meth:`finish`) wait for the outboxes to drain.
 
     Raises:
         ValueError: ``every_n_steps < 1``, an unknown metric name, or a bad option.
@@ -116,6 +122,8 @@ class SpectralTracker:
         distributed: bool | None = None,
         per_expert: bool = False,
         fast_every_n_steps: int | None = DEFAULT_FAST_EVERY_N_STEPS,
+        outbox_size: int = DEFAULT_CAPACITY,
+        publish_timeout_s: float = 30.0,
     ) -> None:
         options = check_options(every_n_steps=every_n_steps, metrics=metrics, series=series, heatmap=heatmap,
                                 include=include, exclude=exclude, roles=roles, method=method, history=history,
@@ -136,7 +144,8 @@ class SpectralTracker:
             model, include=_as_list(include), exclude=_as_list(exclude), roles=roles)
         builtin = default_analyses(history, attention, model, self.series, self.heatmap_metrics)
         self.analyses = Analyses([*builtin, *analyses])
-        self.delivery = Delivery(publishers)
+        positive_int("outbox_size", outbox_size)
+        self.delivery, self.publish_timeout_s = Delivery(publishers, outbox_size), float(publish_timeout_s)
         self.strategy = make_strategy(self.engine, self.model_map, threads, bool(background), distributed)
         self.counts = self.strategy.counts  # kept when the strategy hands over to its inline one
         self.background, self.ranks = self.strategy.background, self.strategy.ranks
@@ -147,6 +156,7 @@ class SpectralTracker:
         self._collected = False  # whether a snapshot finished here (the same on every rank)
         self.fast = None if options.fast_every_n_steps is None else FastLaneRunner(
             self.model_map, options.fast_every_n_steps, self.metrics, self.per_expert)
+        self._snapshots = 0
 
     # ------------------------------------------------------------------ publishers and analyses
     def add_publisher(self, publisher: Publisher) -> None:
@@ -154,8 +164,8 @@ class SpectralTracker:
         self.delivery.add(publisher)
 
     @property
-    def publishers(self) -> list[GuardedPublisher]:
-        """The attached publishers, each in its guard."""
+    def publishers(self) -> list[Outbox]:
+        """The attached publishers, each in its outbox."""
         return self.delivery.publishers
 
     @property
@@ -168,6 +178,12 @@ class SpectralTracker:
     def snapshotter(self) -> BackgroundSnapshotter | None:
         """The background worker (None when synchronous, and once closed by :meth:`finish`)."""
         return self.strategy.worker
+
+    @property
+    def stats(self) -> TrackerStats:
+        """Snapshots taken, due steps skipped, failures, and each publisher's deliveries, retries and
+        losses (also after :meth:`finish`)."""
+        return TrackerStats(self._snapshots, self.counts.skipped, self.counts.failed, self.delivery.stats)
 
     @property
     def snapshot_failures(self) -> int:
@@ -225,10 +241,16 @@ class SpectralTracker:
         return report
 
     def flush(self, timeout: float | None = None) -> None:
-        """Background mode: wait (up to ``timeout`` seconds) for the snapshot in flight and publish
-        every finished one; synchronous mode: nothing. Under torch.distributed this gathers the
-        pending shares, a collective: call it on every rank."""
-        self.strategy.flush(timeout)
+        """Publish the snapshot in flight (background mode; under torch.distributed this gathers the
+        shares, a collective: call it on every rank), then wait up to ``timeout`` seconds (default
+        ``publish_timeout_s``) until the publishers have taken every report."""
+        self._flush_snapshots()
+        deadline = time.monotonic() + (self.publish_timeout_s if timeout is None else timeout)
+        for outbox in self.delivery.publishers:
+            outbox.flush(max(0.0, deadline - time.monotonic()))
+
+    def _flush_snapshots(self) -> None:
+        self.strategy.flush()
         self._publish_finished()
 
     def _publish_finished(self) -> StepReport | None:
@@ -253,7 +275,7 @@ class SpectralTracker:
                             heatmap_metrics=self.heatmap_metrics, per_expert=self.per_expert,
                             heatmap_scales=self.heatmap_scales, images=dict(output.images))
         self.delivery.step(report, self.config)
-        self.last_report = report
+        self.last_report, self._snapshots = report, self._snapshots + 1
         return report
 
     # ------------------------------------------------------------------ end of run
@@ -261,7 +283,7 @@ class SpectralTracker:
         """Publish the snapshot in flight, take a last one inline at ``step`` (default: the latest step
         seen) unless it was taken, publish the run summary, log it to the console and (``close``) close
         the publishers. Returns the summary, or None when no snapshot could be computed at all."""
-        self.flush()  # the snapshot in flight (distributed: gathers the shares, a collective)
+        self._flush_snapshots()  # the snapshot in flight (distributed: gathers the shares, a collective)
         self.strategy, self._submitted = self.strategy.close(), None  # from here on, snapshots are inline
         step = self._seen_step if step is None else int(step)
         if step is None:
@@ -279,24 +301,28 @@ class SpectralTracker:
         if self.last_report is not None:  # None on the other ranks of a distributed tracker
             with cpu_threads(self.threads):
                 summary = self.analyses.summarize(self.last_report, self.config(),
-                                                  HEADLINE_RUN if self.series == "headline" else None)
+                                                  HEADLINE_RUN if self.series == "headline" else None,
+                                                  self.stats.text())
             self.delivery.summary(summary)
             console().info("spectral-plugins summary at step %s\n%s", summary.last.step, summary.text)
         if close:
             self.close()
+            if summary is not None:
+                console().info("spectral-plugins %s", self.stats.text())
         return summary
 
     def close(self) -> None:
         """Stop the background worker, if any (a snapshot still in flight is waited for and dropped
-        unpublished), and close every publisher (each closes only what it opened itself)."""
+        unpublished); deliver what the outboxes hold and close every publisher (each closes only what
+        it opened itself), within ``publish_timeout_s`` in all (what is left is counted lost)."""
         self.strategy, self._submitted = self.strategy.close(), None
-        self.delivery.close()
+        self.delivery.close(self.publish_timeout_s)
 
     # ------------------------------------------------------------------ resume
     def state_dict(self) -> dict[str, Any]:
         """Plain data to resume from: the last snapshotted step and every analysis' state (history),
         after publishing the snapshot in flight (background mode), so the state includes it."""
-        self.flush()
+        self._flush_snapshots()
         return {
             "format": STATE_FORMAT,
             "version": STATE_VERSION,

@@ -21,6 +21,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from spectral_plugins import analyze
 from spectral_plugins.core.keys import STEP_KEY
 from spectral_plugins.hf import INSTALL_HINT, TENSORBOARD_SUBDIR, SpectralCallback
+from spectral_plugins.runtime.outbox import Outbox
 from spectral_plugins.runtime.publishing import StepReport
 from spectral_plugins.tensorboard import TensorBoardPublisher
 from tests.adapters.test_wandb import set_wandb_env
@@ -357,7 +358,7 @@ def test_a_faulty_publisher_never_stops_training(tmp_path: Path, monkeypatch: py
     use_mlflow(monkeypatch, sqlite_uri, tmp_path, "hf-fault")
     faulty, recorder = FaultInjectingPublisher(), RecordingPublisher()
     callback = SpectralCallback(every_n_steps=2, metrics=["alpha"], heatmap=False,
-                                publishers=[faulty, recorder])
+                                publishers=[Outbox(faulty, close_timeout_s=3.0), recorder])
     with pytest.warns(RuntimeWarning, match="'fault-injector' failed"):
         trainer = train(tmp_path, [callback], report_to=["tensorboard", "mlflow"])
     assert trainer.state.global_step == 6 and faulty.calls >= 3

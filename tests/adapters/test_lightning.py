@@ -26,6 +26,7 @@ from spectral_plugins.demo.lightning import CharGPTModule
 from spectral_plugins.demo.model import GPTConfig
 from spectral_plugins.lightning import LoggerPublisher, SpectralMonitor, logger_kind, publisher_for
 from spectral_plugins.runtime.analyses import HEADLINE_LIFECYCLE
+from spectral_plugins.runtime.outbox import Outbox
 from tests.adapters.test_wandb import reset_wandb, set_wandb_env
 from tests.multiprocess import run_ranks
 from tests.publishers import FaultInjectingPublisher, RecordingPublisher
@@ -381,7 +382,8 @@ def test_resume_from_a_checkpoint_continues_the_series(tmp_path: Path, ids: torc
 def test_a_faulty_publisher_never_stops_the_fit(tmp_path: Path, ids: torch.Tensor) -> None:
     faulty, recorder = FaultInjectingPublisher(), RecordingPublisher()
     loggers = [TensorBoardLogger(str(tmp_path), name="tb"), CSVLogger(str(tmp_path), name="csv")]
-    monitor = SpectralMonitor(every_n_steps=2, metrics=["alpha"], extra_publishers=[faulty, recorder])
+    monitor = SpectralMonitor(every_n_steps=2, metrics=["alpha"],
+                              extra_publishers=[Outbox(faulty, close_timeout_s=3.0), recorder])
     with pytest.warns(RuntimeWarning, match="'fault-injector' failed"):
         fit = trainer(tmp_path, max_steps=6, logger=loggers, callbacks=[monitor])
         fit.fit(CharGPTModule(CONFIG), loader(ids, 6))

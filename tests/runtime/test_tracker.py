@@ -89,6 +89,7 @@ def test_snapshots_follow_the_schedule_once_per_step(model: CharGPT) -> None:
     assert tracker.step(0) is not None
     train(model, tracker, range(10))
     assert tracker.step(8) is None and tracker.step(4) is None  # already done / before the last one
+    tracker.flush()  # the publishers take their reports on their own threads
     assert [r.step for r in recorder.reports] == [0, 4, 8]
     assert len(recorder.configs) == 1 and recorder.configs[0]["every_n_steps"] == 4
     assert recorder.configs[0]["num_matrices"] == len(tracker.model_map) == 15
@@ -100,6 +101,7 @@ def test_published_values_equal_an_independent_snapshot(model: CharGPT) -> None:
     tracker = SpectralTracker(model, every_n_steps=3, publishers=[recorder], metrics=["alpha", "stable_rank"],
                               fast_every_n_steps=None)
     train(model, tracker, range(3))
+    tracker.flush()
     report = recorder.reports[-1]
     expected = SpectralEngine().analyze(model, step=3)
     assert report.step == 3
@@ -122,17 +124,24 @@ def test_heatmaps_are_limited_and_rendered_once(model: CharGPT) -> None:
     assert heatmap.values[1, heatmap.roles.index("v")] == layer.spectral_norm
 
 
-def test_a_failing_publisher_warns_once_and_never_stops_the_others(model: CharGPT) -> None:
+def test_a_failing_publisher_is_retried_never_disabled_and_its_losses_counted(model: CharGPT) -> None:
     faulty, recorder = FaultInjectingPublisher(), RecordingPublisher()
-    tracker = SpectralTracker(model, every_n_steps=2, publishers=[faulty, recorder])
-    with pytest.warns(RuntimeWarning, match="fault-injector") as caught:
+    tracker = SpectralTracker(model, every_n_steps=2, publishers=[faulty, recorder], publish_timeout_s=2.0)
+    with pytest.warns(RuntimeWarning) as caught:
         tracker.step(0)
         train(model, tracker, range(8))
         summary = tracker.finish()
     assert [r.step for r in recorder.reports] == [0, 2, 4, 6, 8]
     assert recorder.summaries == [summary] and recorder.closed == 1
-    assert faulty.calls == 3 + 1  # three failures in a row disable it; close is still attempted
-    assert sum("disabled" in str(w.message) for w in caught) == 1
+    messages = [str(w.message) for w in caught]
+    assert sum("'fault-injector' failed" in m for m in messages) == 1  # rate-limited: the first at once
+    assert any("'fault-injector' lost" in m for m in messages)
+    faulty_stats, recorder_stats = tracker.stats.publishers
+    # config, five step reports and the summary: retried until the deadline, then counted lost
+    assert faulty.calls >= 2 and faulty_stats.retries == faulty.calls and faulty_stats.delivered == 0
+    assert faulty_stats.lost == 7 and faulty_stats.lost_steps == (0, 2, 4, 6, 8)
+    assert (recorder_stats.delivered, recorder_stats.retries, recorder_stats.lost) == (7, 0, 0)
+    assert "fault-injector: 0 delivered" in summary.text and "recording: " in summary.text
 
 
 def test_a_failing_analysis_is_disabled_and_snapshots_continue(model: CharGPT) -> None:
@@ -141,6 +150,7 @@ def test_a_failing_analysis_is_disabled_and_snapshots_continue(model: CharGPT) -
     with pytest.warns(RuntimeWarning, match="analysis 'failing' failed in update"):
         tracker.step(0)
     tracker.step(1)
+    tracker.flush()
     assert [r.step for r in recorder.reports] == [0, 1]
     assert any(k.startswith("spectral_lifecycle/") for k in recorder.reports[-1].extra_scalars)
 
@@ -208,6 +218,8 @@ def test_state_round_trip_continues_the_series_without_gaps_or_repeats() -> None
         loss.backward()
         optimizer.step()
         second.step(step + 1)
+    second.flush()
+    uninterrupted.flush()
     assert [r.step for r in after.reports] == [9, 12]
     assert list(second.history.steps) == [0, 3, 6, 9, 12]
     np.testing.assert_allclose(second.history.values("alpha"), uninterrupted.history.values("alpha"))
