@@ -38,9 +38,9 @@ from torch import nn
 from spectral_plugins import SpectralTracker, map_model
 
 try:  # run as a script (benchmarks/ on sys.path) or imported as benchmarks.bench_overhead
-    from common import DOC, machine, write_section
+    from common import DOC, machine, train_step, write_section
 except ImportError:  # pragma: no cover
-    from benchmarks.common import DOC, machine, write_section
+    from benchmarks.common import DOC, machine, train_step, write_section
 
 MODES: dict[str, dict[str, object] | None] = {
     "none": None,
@@ -109,11 +109,7 @@ def train_window(run: Run, batches: Iterator, steps: int, device: torch.device) 
     """``steps`` optimizer steps, each followed by ``tracker.step``, then ``tracker.flush()``; timed."""
     start = time.perf_counter()
     for _ in range(steps):
-        x, y = next(batches)
-        _, loss = run.model(x, y)
-        run.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        run.optimizer.step()
+        train_step(run.model, run.optimizer, batches)
         run.step += 1
         if run.tracker is not None:
             entered = time.perf_counter()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -86,3 +87,12 @@ def write_section(path: Path, name: str, body: str, title: str) -> None:
     else:
         text = text.rstrip() + f"\n\n## {title}\n\n{block}\n"
     path.write_text(text)
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterator) -> None:
+    """One optimizer step of a ``(logits, loss) = model(x, y)`` model on the next batch."""
+    x, y = next(batches)
+    _, loss = model(x, y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()

@@ -11,10 +11,12 @@ reaches its deadline.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import threading
 import time
 import warnings
+import weakref
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -27,6 +29,7 @@ log = logging.getLogger("spectral_plugins")
 
 DEFAULT_CAPACITY = 100
 WARN_INTERVAL_S = 60.0  # the same kind of warning at most this often (the first one at once)
+EXIT_TIMEOUT_S = 5.0  # at interpreter exit, how long outboxes never closed get to deliver what waits
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,7 @@ class Outbox:
         self._stats = DeliveryStats(self.name)
         self._lost_steps: list[int] = []
         self._warn_failed, self._warn_lost = RateLimitedWarning(), RateLimitedWarning()
+        _OPEN.add(self)
 
     # ------------------------------------------------------------------ the training thread
     def publish_config(self, config: Mapping[str, Any]) -> None:
@@ -249,3 +253,19 @@ def _bump(stats: DeliveryStats, failing: bool | None = None, **increments: int) 
     if failing is not None:
         values["failing"] = failing
     return replace(stats, **values)
+
+
+_OPEN: weakref.WeakSet[Outbox] = weakref.WeakSet()
+
+
+@atexit.register
+def _deliver_at_exit() -> None:
+    """A program that ends without ``tracker.finish()`` / ``close()``: give the outboxes that still
+    hold entries a few seconds, and log what is lost (the worker threads are daemons)."""
+    deadline = time.monotonic() + EXIT_TIMEOUT_S
+    for outbox in list(_OPEN):
+        if outbox.flush(max(0.0, deadline - time.monotonic())):
+            continue
+        left = outbox.stats.pending
+        log.warning("spectral-plugins: publisher %r lost %d entries at exit (call tracker.finish() or "
+                    "close() before the program ends)", outbox.name, left)

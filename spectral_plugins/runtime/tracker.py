@@ -145,6 +145,8 @@ class SpectralTracker:
         builtin = default_analyses(history, attention, model, self.series, self.heatmap_metrics)
         self.analyses = Analyses([*builtin, *analyses])
         positive_int("outbox_size", outbox_size)
+        if not publish_timeout_s >= 0:
+            raise ValueError(f"publish_timeout_s must be a number of seconds >= 0, got {publish_timeout_s!r}")
         self.delivery, self.publish_timeout_s = Delivery(publishers, outbox_size), float(publish_timeout_s)
         self.strategy = make_strategy(self.engine, self.model_map, threads, bool(background), distributed)
         self.counts = self.strategy.counts  # kept when the strategy hands over to its inline one
