@@ -25,7 +25,7 @@ from torch import nn
 from ..core.engine import SpectralEngine, cpu_threads
 from ..core.heatmap import ColourScale, colour_scales
 from ..core.model_map import ModelMap, map_model
-from ..core.options import check_options
+from ..core.options import check_options, positive_int
 from ..core.snapshot import Snapshot
 from .analyses import HEADLINE_RUN, Analyses, Analysis, default_analyses
 from .background import BackgroundSnapshotter
