@@ -161,9 +161,13 @@ def test_no_active_run_is_reported_by_the_guard(wandb_root: Path) -> None:
     with pytest.raises(RuntimeError, match="no active W&B run"):
         publisher.publish_config({})
     tracker = SpectralTracker(CharGPT(GPTConfig(vocab_size=20, block_size=8, n_layer=1, n_head=1, d_model=8)),
-                              every_n_steps=1, publishers=[publisher])
-    with pytest.warns(RuntimeWarning, match="no active W&B run"):
+                              every_n_steps=1, publishers=[publisher], publish_timeout_s=0.5)
+    with pytest.warns(RuntimeWarning, match="no active W&B run"):  # from the outbox's worker thread
         assert tracker.step(0) is not None
+        tracker.flush(timeout=5.0)
+    with pytest.warns(RuntimeWarning, match="'wandb' lost"):  # retried until close's deadline
+        tracker.close()
+    assert tracker.stats.publishers[0].lost == 2  # the configuration and the step report
 
 
 def test_missing_wandb_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
