@@ -170,9 +170,13 @@ class SpectralCallback(TrainerCallback, ExportableState):
         self.tracker.step(int(state.global_step))
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        """Snapshot when ``state.global_step`` (called once per optimizer step) is due."""
+        """Snapshot when ``state.global_step`` (called once per optimizer step) is due. After the last
+        step, wait for the publishers to take every report: the Trainer's own TensorBoard callback
+        closes the writer they may share before :meth:`on_train_end` runs."""
         if self.tracker is not None and state.is_world_process_zero:
             self.tracker.step(int(state.global_step))
+            if control.should_training_stop or state.global_step >= state.max_steps:
+                self.tracker.flush()
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Publish the run summary to every tracker and the console (last snapshot at the final step)."""
