@@ -110,7 +110,7 @@ class Outbox:
         self._busy: _Entry | None = None  # the entry being delivered (never dropped)
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
-        self._hurry = False  # flush/close: retry now instead of sleeping out the backoff
+        self._hurry = False  # set by flush/close: one retry now instead of sleeping out the backoff
         self._stopped = False
         self._close_requested = False
         self._stats = DeliveryStats(self.name)
@@ -235,6 +235,7 @@ class Outbox:
                                   f"waiting entries are kept and retried in {delay:g} s")
                 with self._cond:
                     self._cond.wait_for(lambda: self._hurry or self._stopped, delay)
+                    self._hurry = False  # consumed: later failures back off again
                 delay = min(2 * delay, self.max_backoff_s)
                 continue
             with self._cond:

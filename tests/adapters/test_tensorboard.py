@@ -250,7 +250,7 @@ def test_a_failing_publisher_never_stops_the_others(tmp_path: Path,
     assert len([m for m in messages if "injected fault" in m]) == 1  # rate-limited: the first at once
     # retried until close's deadline, then every entry counted lost; the other publisher got all
     failing, healthy = (p.stats for p in publishers)
-    assert faulty.calls >= 2 and failing.retries == faulty.calls and failing.lost == len(reports) + 2
+    assert 1 <= failing.retries <= faulty.calls < 20 and failing.lost == len(reports) + 2
     assert healthy.delivered == len(reports) + 2 and healthy.lost == healthy.retries == 0
     alpha = read_tensorboard_scalars(tmp_path)["spectral_alpha/L00_q"]
     assert [step for step, _ in alpha] == list(STEPS)

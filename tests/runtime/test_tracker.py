@@ -138,7 +138,8 @@ def test_a_failing_publisher_is_retried_never_disabled_and_its_losses_counted(mo
     assert any("'fault-injector' lost" in m for m in messages)
     faulty_stats, recorder_stats = tracker.stats.publishers
     # config, five step reports and the summary: retried until the deadline, then counted lost
-    assert faulty.calls >= 2 and faulty_stats.retries == faulty.calls and faulty_stats.delivered == 0
+    # backoff between attempts (0.5 s, doubling), never a busy loop; a call may still be running
+    assert 2 <= faulty_stats.retries <= faulty.calls < 20 and faulty_stats.delivered == 0
     assert faulty_stats.lost == 7 and faulty_stats.lost_steps == (0, 2, 4, 6, 8)
     assert (recorder_stats.delivered, recorder_stats.retries, recorder_stats.lost) == (7, 0, 0)
     assert "fault-injector: 0 delivered" in summary.text and "recording: " in summary.text
