@@ -246,13 +246,13 @@ class SpectralTracker:
         """Publish the snapshot in flight (background mode; under torch.distributed this gathers the
         shares, a collective: call it on every rank), then wait up to ``timeout`` seconds (default
         ``publish_timeout_s``) until the publishers have taken every report."""
-        self._flush_snapshots()
         deadline = time.monotonic() + (self.publish_timeout_s if timeout is None else timeout)
+        self._flush_snapshots(timeout)
         for outbox in self.delivery.publishers:
             outbox.flush(max(0.0, deadline - time.monotonic()))
 
-    def _flush_snapshots(self) -> None:
-        self.strategy.flush()
+    def _flush_snapshots(self, timeout: float | None = None) -> None:
+        self.strategy.flush(timeout)
         self._publish_finished()
 
     def _publish_finished(self) -> StepReport | None:
