@@ -85,7 +85,8 @@ def train(model: CharGPT, tracker: SpectralTracker, steps: range) -> list[float]
 
 def test_a_publisher_failing_once_at_three_steps_gets_all_three_by_retry() -> None:
     flaky, model = FailingOnceAt({6, 20, 30}), CharGPT(TINY)
-    tracker = SpectralTracker(model, every_n_steps=2, publishers=[flaky], heatmap=False, history=False)
+    tracker = SpectralTracker(model, every_n_steps=2, publishers=[flaky], heatmap=False, history=False,
+                              fast_every_n_steps=None)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         train(model, tracker, range(30))
@@ -101,6 +102,7 @@ def test_a_slow_publisher_never_slows_a_background_training_step() -> None:
     model = CharGPT(TINY)
     slow = SlowPublisher(2.0)
     tracker = SpectralTracker(model, every_n_steps=2, publishers=[slow], heatmap=False, background=True,
+                              fast_every_n_steps=None,
                               publish_timeout_s=60.0)
     waits = train(model, tracker, range(6))
     assert max(waits) < 0.2, waits
@@ -112,7 +114,8 @@ def test_a_slow_publisher_never_slows_a_background_training_step() -> None:
 def test_background_skips_are_counted_warned_and_summarised() -> None:
     model = CharGPT(TINY)
     recorder = RecordingPublisher()
-    tracker = SpectralTracker(model, every_n_steps=1, publishers=[recorder], heatmap=False, background=True)
+    tracker = SpectralTracker(model, every_n_steps=1, publishers=[recorder], heatmap=False, background=True,
+                              fast_every_n_steps=None)
     with pytest.warns(RuntimeWarning, match="is skipped .*raise every_n_steps"):
         for step in range(1, 6):  # due every step, no time in between: the first is still computing
             tracker.step(step)
