@@ -108,8 +108,8 @@ def test_a_slow_publisher_never_slows_a_background_training_step() -> None:
     assert max(waits) < 0.2, waits
     summary = tracker.finish()
     steps = [r.step for r in slow.reports]  # a due step reached while a snapshot computes is skipped
-    assert summary is not None and steps[-1] == 6 and len(steps) + tracker.stats.skipped == 3
-    assert set(steps) <= {2, 4, 6}
+    assert summary is not None and steps[-1] == 6 and set(steps) <= {2, 4, 6}  # 6 by finish() if skipped
+    assert len(steps) >= 3 - tracker.stats.skipped
     assert tracker.stats.publishers[0].lost == 0 and slow.closed == 1
 
 
