@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import math
 import os
 import queue
 import tempfile
