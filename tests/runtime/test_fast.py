@@ -75,6 +75,7 @@ def test_fast_steps_are_scalars_only_and_full_steps_check_the_lane():
                               metrics=["alpha", "stable_rank", "spectral_norm"])
     tracker.step(0)
     train(model, tracker, range(20))
+    tracker.flush()  # publishers take their reports on their outboxes' threads
     assert [r.step for r in recorder.reports] == [0, 10, 20]
     assert [r.step for r in recorder.fast_reports] == [2, 4, 6, 8, 12, 14, 16, 18]
     fast = recorder.fast_reports[0]
@@ -98,6 +99,7 @@ def test_resumed_tracker_continues_the_fast_series_after_its_checkpoint():
     second.load_state_dict(state)
     for step in (6, 7, 8, 9, 10, 11):  # 6 and 7 replay steps already published before the checkpoint
         second.step(step)
+    second.flush()  # publishers take their reports on their outboxes' threads
     assert [r.step for r in recorder.fast_reports] == [6, 7, 8, 9, 11]
     assert [r.step for r in recorder.reports] == [10]
 
