@@ -142,17 +142,18 @@ class TensorBoardPublisher:
             for key, value in scalars.items():
                 self.writer.add_scalar(key, value, step)
             return
+        # Draw first, write after: a drawing that fails leaves nothing half-written, so the outbox's
+        # retry of this report does not write its scalars twice.
+        images = {key: image.to_rgb() for key, image in report.images.items()}
+        images.update({f"{HEATMAP_SECTION}/{heatmap.metric}": heatmap.to_rgb()
+                       for heatmap in report.heatmaps() if heatmap.metric in self.heatmap_metrics})
         if not self._layout_written:
             self.writer.add_custom_scalars(custom_scalars_layout(report.snapshot, report.metrics, scalars))
             self._layout_written = True
         for key, value in scalars.items():
             self.writer.add_scalar(key, value, step)
-        for key, image in report.images.items():
-            self.writer.add_image(key, image.to_rgb(), step, dataformats="HWC")
-        for heatmap in report.heatmaps():
-            if heatmap.metric in self.heatmap_metrics:
-                self.writer.add_image(f"{HEATMAP_SECTION}/{heatmap.metric}", heatmap.to_rgb(), step,
-                                      dataformats="HWC")
+        for key, rgb in images.items():
+            self.writer.add_image(key, rgb, step, dataformats="HWC")
         if self.histograms:
             self._write_histograms(report.snapshot, step)
         self.writer.flush()

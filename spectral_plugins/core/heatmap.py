@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +25,10 @@ FIXED_RANGES: dict[str, tuple[float, float]] = {"alpha": (1.5, 6.0)}
 # Other metrics: a log scale from the first snapshot's smallest value / 30 to its largest x 1.5, so
 # a compression by up to ~30x (the demo's stable rank falls ~20x) stays inside the range.
 LOG_RANGE_BELOW, LOG_RANGE_ABOVE = 30.0, 1.5
+# matplotlib is not thread-safe (its mathtext parser keeps global pyparsing state), and every
+# publisher's outbox thread may draw: all drawing in the package holds this lock. Re-entrant, so a
+# cached ``to_rgb`` can hold it across check-and-draw while ``render_figure`` takes it again.
+RENDER_LOCK = threading.RLock()
 
 
 @dataclass(frozen=True)
@@ -94,13 +99,14 @@ class Heatmap:
         """An (H, W, 3) uint8 image, depth down, role across; matplotlib-rendered with axis labels
         when matplotlib is installed, else plain colour cells. Rendered once (about 0.2 s) however
         many publishers ask."""
-        cached = self.__dict__.get("_rgb")
-        if cached is None:
-            try:
-                cached = _render_matplotlib(self)
-            except ImportError:
-                cached = _render_cells(self, cell)
-            object.__setattr__(self, "_rgb", cached)  # a cache, not state: frozen otherwise
+        with RENDER_LOCK:  # several publishers' threads ask at once: draw once, one at a time
+            cached = self.__dict__.get("_rgb")
+            if cached is None:
+                try:
+                    cached = _render_matplotlib(self)
+                except ImportError:
+                    cached = _render_cells(self, cell)
+                object.__setattr__(self, "_rgb", cached)  # a cache, not state: frozen otherwise
         return cached
 
     def to_png(self) -> bytes:
@@ -147,13 +153,14 @@ def render_figure(draw: Callable[[Any], None], figsize: tuple[float, float], dpi
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=figsize, dpi=dpi)
-    canvas = FigureCanvasAgg(figure)
-    draw(figure)
-    if tight:
-        figure.tight_layout()
-    canvas.draw()
-    rgb: np.ndarray = np.asarray(canvas.buffer_rgba())[..., :3].copy()
+    with RENDER_LOCK:
+        figure = Figure(figsize=figsize, dpi=dpi)
+        canvas = FigureCanvasAgg(figure)
+        draw(figure)
+        if tight:
+            figure.tight_layout()
+        canvas.draw()
+        rgb: np.ndarray = np.asarray(canvas.buffer_rgba())[..., :3].copy()
     return rgb
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..core.heatmap import encode_png, render_figure
+from ..core.heatmap import RENDER_LOCK, encode_png, render_figure
 from .history import SpectralHistory
 from .signals import LifecycleConfig, wave_trajectory
 
@@ -81,11 +81,12 @@ class LifecycleMap:
         if vmin is None or vmax is None:
             low, high = self.value_range()
             vmin, vmax = (low if vmin is None else vmin), (high if vmax is None else vmax)
-        cache = self.__dict__.setdefault("_rgb", {})
-        if (vmin, vmax) not in cache:
-            cache[(vmin, vmax)] = render_figure(lambda fig: draw_map(fig, self, vmin, vmax),
-                                                figsize=(3.6 * max(len(self.panels), 1) + 1.2, 3.4))
-        return cache[(vmin, vmax)]
+        with RENDER_LOCK:  # several publishers' threads ask at once: draw once, one at a time
+            cache = self.__dict__.setdefault("_rgb", {})
+            if (vmin, vmax) not in cache:
+                cache[(vmin, vmax)] = render_figure(lambda fig: draw_map(fig, self, vmin, vmax),
+                                                    figsize=(3.6 * max(len(self.panels), 1) + 1.2, 3.4))
+            return cache[(vmin, vmax)]
 
     def to_png(self) -> bytes:
         """The image as PNG bytes."""

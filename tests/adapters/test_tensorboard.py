@@ -286,3 +286,38 @@ def test_a_lightning_loggers_writer(tmp_path: Path, run: Run) -> None:
     scalars = read_tensorboard_scalars(Path(logger.log_dir))
     assert scalars["train_loss"] == [(3, 2.0)]
     assert [step for step, _ in scalars["spectral_alpha/L00_q"]] == list(STEPS)
+
+
+class FailsOnceImage:
+    """Fault injection: an image whose first drawing raises (as matplotlib did when two outbox threads
+    drew at once), then draws like the wrapped one."""
+
+    def __init__(self, image: Any) -> None:
+        self.image, self.calls = image, 0
+
+    def to_rgb(self) -> Any:
+        self.calls += 1
+        if self.calls == 1:
+            raise ValueError("injected drawing failure")
+        return self.image.to_rgb()
+
+    def to_png(self) -> bytes:
+        return self.image.to_png()
+
+
+def test_a_retried_report_after_a_failed_drawing_writes_each_scalar_once(tmp_path: Path, run: Run) -> None:
+    reports, _ = run
+    key, image = next(iter(reports[1].images.items()))
+    flaky = StepReport(reports[1].step, reports[1].snapshot, METRICS, reports[1].extra_scalars,
+                       images={key: FailsOnceImage(image)})
+    publisher = TensorBoardPublisher(tmp_path)
+    publisher.publish_step(reports[0])
+    with pytest.raises(ValueError, match="injected"):
+        publisher.publish_step(flaky)
+    publisher.publish_step(flaky)  # the outbox's retry
+    publisher.close()
+
+    scalars = read_tensorboard_scalars(tmp_path)
+    assert [step for step, _ in scalars["spectral_alpha/L01_q"]] == [STEPS[0], STEPS[1]]
+    assert all(len({s for s, _ in series}) == len(series) for series in scalars.values())
+    assert [step for step, _ in read_tensorboard_images(tmp_path)[key]] == [STEPS[0], STEPS[1]]
