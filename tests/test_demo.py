@@ -134,3 +134,20 @@ def test_a_short_demo_writes_all_three_trackers(tmp_path: Path, monkeypatch: pyt
     assert all(run.params.get("lr") == "0.003" for run in comparison.runs)
     files = comparison.save(tmp_path / "compare")
     assert files.html.exists() and len(files.figures) == 4
+
+
+@pytest.mark.slow
+def test_the_demos_wave_front_has_a_value_at_most_steps_of_its_compression_phase(tmp_path: Path) -> None:
+    """The fast lane (every 5 steps by default) gives the wave front step resolution: with full
+    snapshots alone (every 25 steps) it had 4 points in the demo's compression phase (steps 1-100)."""
+    from spectral_plugins.demo import run_demo
+
+    result = run_demo(tmp_path / "out", max_steps=100, trackers=["tensorboard"], attention=False,
+                      max_chars=200_000, verbose=False)
+    [version_dir] = result.tensorboard_dir.glob("chargpt/version_*")
+    tensorboard = read_tensorboard_scalars(version_dir)
+    fast_steps = set(range(5, 101, 5))
+    assert fast_steps <= {s for s, _ in tensorboard["spectral_lifecycle/nsr_mean/qk"]}
+    for group in ("qk", "vo", "mlp"):
+        front = {s for s, _ in tensorboard[f"spectral_lifecycle/wave_front_depth/{group}"]}
+        assert len(front & fast_steps) > len(fast_steps) / 2, (group, sorted(front))

@@ -43,6 +43,8 @@ class MapPanel:
         values: (T, D) the metric (normalised for :data:`NORMALISED` metrics), NaN where missing.
         front: (T,) wave-front depth in blocks (NaN where the stack is not compressing).
         reversal_step: the step of the confirmed reversal, NaN if none.
+        front_steps: the steps of ``front`` when they differ from ``steps`` (an alpha map, whose
+            front comes from the fast lane's denser stable ranks); None: ``steps``.
     """
 
     group: str
@@ -51,6 +53,7 @@ class MapPanel:
     values: np.ndarray
     front: np.ndarray
     reversal_step: float
+    front_steps: np.ndarray | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -94,18 +97,26 @@ class LifecycleMap:
 
 
 def lifecycle_map(history: SpectralHistory, metric: str, groups: Sequence[str] = MAP_GROUPS,
-                  config: LifecycleConfig | None = None, title: str = "") -> LifecycleMap:
-    """The map of ``metric`` over every kept step of ``history`` (groups without blocks are left out)."""
+                  config: LifecycleConfig | None = None, title: str = "",
+                  waves: SpectralHistory | None = None) -> LifecycleMap:
+    """The map of ``metric`` over every kept step of ``history`` (groups without blocks are left out).
+    With ``waves`` (the fast lane's stable ranks, :attr:`SpectralLifecycle.waves`), the wave front
+    and reversal come from it, and so does a stable-rank map: step resolution."""
     config = config or LifecycleConfig()
+    step = int(history.steps[-1]) if len(history) else 0
+    waves = waves if waves is not None and len(waves) else None
+    source = waves if waves is not None and metric in waves.metrics else history
     panels = []
     for group in groups:
-        wave = wave_trajectory(history, group, config, full_speed=False)
+        wave = wave_trajectory(waves or history, group, config, full_speed=False, until=step)
         if wave.depths.size == 0:
             continue
-        values = history.profile(metric, group, normalise=metric in NORMALISED).values
+        profile = source.profile(metric, group, normalise=metric in NORMALISED)
+        kept = profile.steps <= step
         reversal = float(wave.reversal.step) if wave.reversal.reversed else math.nan
-        panels.append(MapPanel(group, wave.steps, wave.depths, values, wave.front, reversal))
-    step = int(history.steps[-1]) if len(history) else 0
+        front_steps = None if source is (waves or history) else wave.steps
+        panels.append(MapPanel(group, profile.steps[kept], profile.depths, profile.values[kept], wave.front,
+                               reversal, front_steps))
     return LifecycleMap(metric, step, tuple(panels), title)
 
 
@@ -149,7 +160,8 @@ def draw_map_panel(ax, panel: MapPanel, metric: str, vmin: float, vmax: float): 
     mesh = ax.pcolormesh(panel.steps, panel.depths, np.ma.masked_invalid(panel.values.T), shading="nearest",
                          cmap=cmap, norm=norm)
     if np.isfinite(panel.front).any():
-        ax.plot(panel.steps, panel.front, color="white", lw=1.4, marker=".", ms=3, label="wave front")
+        front_steps = panel.steps if panel.front_steps is None else panel.front_steps
+        ax.plot(front_steps, panel.front, color="white", lw=1.4, marker=".", ms=3, label="wave front")
     if math.isfinite(panel.reversal_step):
         ax.axvline(panel.reversal_step, color="cyan", ls="--", lw=1.2,
                    label=f"reversal @ {panel.reversal_step:.0f}")

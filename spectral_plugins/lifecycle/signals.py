@@ -30,6 +30,10 @@ from .history import DEFAULT_MAX_STEPS, DEFAULT_METRICS, ROLE_GROUPS, SpectralHi
 from .importance import BlockImportance, PruningAdvice, advise_pruning, importance_from_history
 from .timescales import TwoTimescaleFit, fit_two_timescales
 
+# The fast lane's stable-rank history keeps this many times the full history's steps (one metric, so
+# a few MB at most for a model of hundreds of matrices).
+WAVE_STEPS_FACTOR = 4
+
 
 @dataclass(frozen=True)
 class LifecycleConfig:
@@ -104,12 +108,15 @@ class WaveTrajectory:
 
 
 def wave_trajectory(history: SpectralHistory, group: str, config: LifecycleConfig = LifecycleConfig(),
-                    full_speed: bool = True, stack: str | None = None) -> WaveTrajectory:
-    """The group's wave signals over every kept step in one stack (None: the first or only one;
-    ``full_speed=False``: trailing speed only at the last step, which is all :func:`lifecycle_state`
-    needs)."""
+                    full_speed: bool = True, stack: str | None = None, until: float = math.inf
+                    ) -> WaveTrajectory:
+    """The group's wave signals over every kept step up to ``until`` in one stack (None: the first or
+    only one; ``full_speed=False``: trailing speed only at the last step, which is all
+    :func:`lifecycle_state` needs). ``history`` needs only ``stable_rank``: it may be the fast lane's
+    (:attr:`SpectralLifecycle.waves`)."""
     profile = history.profile("stable_rank", group, normalise=True, stack=stack)
-    steps, depths, nsr = profile.steps, profile.depths, profile.values
+    kept = profile.steps <= until
+    steps, depths, nsr = profile.steps[kept], profile.depths, profile.values[kept]
     front = wave.wave_front(steps, depths, nsr, config.lag, config.rate_floor)
     if full_speed:
         speed = wave.trailing_speed(steps, front, config.speed_window)
@@ -134,12 +141,14 @@ def alpha_profiles(history: SpectralHistory, group: str, stack: str | None = Non
     return profile.steps, profile.depths, profile.values
 
 
-def asymmetry_series(history: SpectralHistory, stack: str | None = None
+def asymmetry_series(history: SpectralHistory, stack: str | None = None, until: float = math.inf
                      ) -> tuple[np.ndarray, np.ndarray, float]:
-    """(steps, A(t), run-level index) of the Q/K vs V/O asymmetry in one stack (None: the first)."""
-    var_qk = depth_variance(history.profile("stable_rank", "qk", normalise=True, stack=stack).values)
-    var_vo = depth_variance(history.profile("stable_rank", "vo", normalise=True, stack=stack).values)
-    return history.steps, asymmetry_index(var_qk, var_vo), trajectory_asymmetry(var_qk, var_vo)
+    """(steps, A(t), run-level index) of the Q/K vs V/O asymmetry in one stack (None: the first), over
+    the kept steps up to ``until``."""
+    kept = history.steps <= until
+    var_qk = depth_variance(history.profile("stable_rank", "qk", normalise=True, stack=stack).values[kept])
+    var_vo = depth_variance(history.profile("stable_rank", "vo", normalise=True, stack=stack).values[kept])
+    return history.steps[kept], asymmetry_index(var_qk, var_vo), trajectory_asymmetry(var_qk, var_vo)
 
 
 @dataclass(frozen=True)
@@ -202,23 +211,43 @@ class LifecycleState:
         return _finite(out)
 
 
-def lifecycle_state(history: SpectralHistory, config: LifecycleConfig = LifecycleConfig()) -> LifecycleState:
-    """The signals at the history's last step (per stack in a model of several)."""
+def lifecycle_state(history: SpectralHistory, config: LifecycleConfig = LifecycleConfig(),
+                    waves: SpectralHistory | None = None) -> LifecycleState:
+    """The signals at the history's last step (per stack in a model of several). The stable-rank
+    signals (wave front, compression order, reversal, asymmetry) come from ``waves`` up to that step
+    when given (the fast lane's denser series), else from ``history``; alpha always from ``history``."""
     if len(history) == 0:
         raise ValueError("the history is empty")
+    step = int(history.steps[-1])
+    dense = waves is not None and len(waves) > 0 and int(waves.steps[0]) <= step
+    return _state(waves if dense and waves is not None else history, step, config, history)
+
+
+def wave_state(waves: SpectralHistory, config: LifecycleConfig = LifecycleConfig()) -> LifecycleState:
+    """The stable-rank signals at the last step of ``waves`` (a fast-lane step: the alpha signals are
+    NaN, so :meth:`LifecycleState.scalars` leaves them out)."""
+    if len(waves) == 0:
+        raise ValueError("the history is empty")
+    return _state(waves, int(waves.steps[-1]), config, None)
+
+
+def _state(waves: SpectralHistory, step: int, config: LifecycleConfig,
+           alphas: SpectralHistory | None) -> LifecycleState:
     groups = []
-    for stack in history.stacks:
+    for stack in waves.stacks:
         for name in config.groups:
-            w = wave_trajectory(history, name, config, full_speed=False, stack=stack)
-            _, depths, alpha = alpha_profiles(history, name, stack)
+            w = wave_trajectory(waves, name, config, full_speed=False, stack=stack, until=step)
             last_nsr = w.nsr[-1] if w.nsr.size else np.array([])
-            groups.append(GroupState(
-                name, _last(w.front), _last(w.speed), _nanmean(last_nsr), _last(w.order), w.reversal.reversed,
-                w.reversal.step, _last(delta_alpha(alpha[-1:])) if alpha.size else math.nan,
-                _last(alpha_depth_gradient(depths, alpha[-1:])) if alpha.size else math.nan, stack))
-    per_stack = tuple((stack, _last(asymmetry_series(history, stack)[1])) for stack in history.stacks)
-    return LifecycleState(int(history.steps[-1]), tuple(groups), per_stack[0][1],
-                          _named_stacks(per_stack))
+            spread = gradient = math.nan
+            if alphas is not None:
+                _, depths, alpha = alpha_profiles(alphas, name, stack)
+                if alpha.size:
+                    spread = _last(delta_alpha(alpha[-1:]))
+                    gradient = _last(alpha_depth_gradient(depths, alpha[-1:]))
+            groups.append(GroupState(name, _last(w.front), _last(w.speed), _nanmean(last_nsr), _last(w.order),
+                                     w.reversal.reversed, w.reversal.step, spread, gradient, stack))
+    per_stack = tuple((stack, _last(asymmetry_series(waves, stack, until=step)[1])) for stack in waves.stacks)
+    return LifecycleState(step, tuple(groups), per_stack[0][1], _named_stacks(per_stack))
 
 
 @dataclass(frozen=True, eq=False)  # holds arrays: compare the fields you need
@@ -345,28 +374,31 @@ class LifecycleSummary:
         return _jsonable(asdict(self))
 
 
-def summarize(history: SpectralHistory, config: LifecycleConfig = LifecycleConfig()) -> LifecycleSummary:
-    """Every run-level lifecycle figure of a history."""
+def summarize(history: SpectralHistory, config: LifecycleConfig = LifecycleConfig(),
+              waves: SpectralHistory | None = None) -> LifecycleSummary:
+    """Every run-level lifecycle figure of a history; the stable-rank figures (wave speed, reversal,
+    asymmetry) from ``waves`` when given (the fast lane's denser series)."""
     if len(history) == 0:
         raise ValueError("the history is empty")
+    waves = waves if waves is not None and len(waves) else history
     timescales = _layer_timescales(history) if config.fit_timescales else ()
     groups = []
     per_stack = []
     for stack in history.stacks:
         for name in config.groups:
-            groups.append(_group_summary(history, name, stack, timescales, config))
+            groups.append(_group_summary(history, waves, name, stack, timescales, config))
         importance = importance_from_history(history, config.importance_method, config.tail_fraction,
                                              stack=stack)
-        per_stack.append((stack, asymmetry_series(history, stack)[2], importance,
+        per_stack.append((stack, asymmetry_series(waves, stack)[2], importance,
                           advise_pruning(importance, n_remove=0)))
     _, run_asymmetry, importance, advice = per_stack[0]
     return LifecycleSummary(int(history.steps[-1]), history.num_blocks, tuple(groups), run_asymmetry,
                             timescales, importance, advice, _named_stacks(per_stack))
 
 
-def _group_summary(history: SpectralHistory, name: str, stack: str | None,
+def _group_summary(history: SpectralHistory, waves: SpectralHistory, name: str, stack: str | None,
                    timescales: tuple[LayerTimescales, ...], config: LifecycleConfig) -> GroupSummary:
-    w = wave_trajectory(history, name, config, full_speed=False, stack=stack)
+    w = wave_trajectory(waves, name, config, full_speed=False, stack=stack)
     _, depths, alpha = alpha_profiles(history, name, stack)
     settled = settled_profile(alpha, config.tail_fraction) if alpha.size else np.array([])
     roles = set(ROLE_GROUPS[name])
@@ -392,10 +424,17 @@ def _layer_timescales(history: SpectralHistory) -> tuple[LayerTimescales, ...]:
 class SpectralLifecycle:
     """Keeps a bounded history and turns each snapshot into lifecycle signals.
 
+    Full snapshots (:meth:`update`) feed :attr:`history`; the fast lane's stable ranks
+    (:meth:`update_fast`, every few steps) feed :attr:`waves`, a denser stable-rank history from which
+    the wave front, compression order, reversal and Q/K vs V/O asymmetry are read once it exists, so
+    they have the fast lane's step resolution. Alpha and the other full-spectrum signals keep the
+    full-snapshot cadence.
+
     Args:
         config: signal parameters.
         metrics: metrics the history keeps (needs ``stable_rank`` and ``alpha``).
-        max_steps: the history's cap on kept steps.
+        max_steps: the history's cap on kept steps (the fast-lane history keeps
+            :data:`WAVE_STEPS_FACTOR` times as many).
     """
 
     def __init__(self, config: LifecycleConfig | None = None, metrics: Sequence[str] = DEFAULT_METRICS,
@@ -405,25 +444,35 @@ class SpectralLifecycle:
             raise ValueError(f"the lifecycle needs metrics {sorted(missing)} in the history")
         self.config = config or LifecycleConfig()
         self.history = SpectralHistory(metrics, max_steps)
+        self.waves: SpectralHistory | None = None  # created by the first fast-lane update
 
     def update(self, snapshot: Snapshot) -> LifecycleState:
-        """Append ``snapshot`` and return the signals at its step."""
+        """Append ``snapshot`` (a full one) and return the signals at its step."""
         self.history.append(snapshot)
-        return lifecycle_state(self.history, self.config)
+        return self.state()
+
+    def update_fast(self, snapshot: Snapshot) -> LifecycleState:
+        """Append a fast-lane ``snapshot`` (its stable ranks; steps in increasing order, full-snapshot
+        steps included) to :attr:`waves` and return the stable-rank signals at its step."""
+        if self.waves is None:
+            self.waves = SpectralHistory(("stable_rank",), WAVE_STEPS_FACTOR * self.history.max_steps)
+        self.waves.append(snapshot)
+        return wave_state(self.waves, self.config)
 
     def state(self) -> LifecycleState:
-        """The signals at the last appended step."""
-        return lifecycle_state(self.history, self.config)
+        """The signals at the last full snapshot's step."""
+        return lifecycle_state(self.history, self.config, self.waves)
 
     def summary(self) -> LifecycleSummary:
         """The run-level figures so far."""
-        return summarize(self.history, self.config)
+        return summarize(self.history, self.config, self.waves)
 
     def state_dict(self) -> dict[str, Any]:
-        """Plain data for a checkpoint: the history's state and the config."""
+        """Plain data for a checkpoint: the histories' state and the config."""
         config = asdict(self.config)
         config["groups"] = list(self.config.groups)
-        return {"history": self.history.to_state(), "config": config}
+        waves = None if self.waves is None else self.waves.to_state()
+        return {"history": self.history.to_state(), "config": config, "waves": waves}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore from :meth:`state_dict` output (exactly)."""
@@ -433,6 +482,8 @@ class SpectralLifecycle:
         config.pop("reversal_patience", None)
         self.config = LifecycleConfig(**config)
         self.history = SpectralHistory.from_state(state["history"])
+        waves = state.get("waves")  # absent in checkpoints from before the fast lane
+        self.waves = None if waves is None else SpectralHistory.from_state(waves)
 
 
 def _label(stack: str | None, name: str) -> str:

@@ -99,7 +99,13 @@ class AnalysisOutput:
 
 @runtime_checkable
 class Analysis(Protocol):
-    """A computation over snapshots, run by the tracker after each snapshot (optional hook)."""
+    """A computation over snapshots, run by the tracker after each snapshot (optional hook).
+
+    An analysis may also define ``update_fast(snapshot, model_map) -> AnalysisOutput``: it then
+    receives the fast lane's snapshots too (stable ranks and norms only, every
+    ``fast_every_n_steps``, full-snapshot steps included, in step order) and its scalars are published
+    with the fast-lane step.
+    """
 
     name: str
 
@@ -139,12 +145,21 @@ class LifecycleAnalysis:
     def update(self, snapshot: Snapshot, model_map: ModelMap) -> AnalysisOutput:
         from ..lifecycle.maps import lifecycle_map
 
-        scalars = self.lifecycle.update(snapshot).scalars()
-        if self.series == "headline":
-            scalars = {key: value for key, value in scalars.items() if is_headline(key, HEADLINE_LIFECYCLE)}
-        history, config = self.lifecycle.history, self.lifecycle.config
-        maps = {map_key(metric): lifecycle_map(history, metric, config=config) for metric in self.map_metrics}
+        scalars = self._headline(self.lifecycle.update(snapshot).scalars())
+        history, config, waves = self.lifecycle.history, self.lifecycle.config, self.lifecycle.waves
+        maps = {map_key(metric): lifecycle_map(history, metric, config=config, waves=waves)
+                for metric in self.map_metrics}
         return AnalysisOutput(scalars=scalars, images=maps)
+
+    def update_fast(self, snapshot: Snapshot, model_map: ModelMap) -> AnalysisOutput:
+        """A fast-lane step (stable ranks only): the stable-rank signals at its step (wave front,
+        compression order, asymmetry), no maps."""
+        return AnalysisOutput(scalars=self._headline(self.lifecycle.update_fast(snapshot).scalars()))
+
+    def _headline(self, scalars: dict[str, float]) -> dict[str, float]:
+        if self.series == "headline":
+            return {key: value for key, value in scalars.items() if is_headline(key, HEADLINE_LIFECYCLE)}
+        return scalars
 
     def summary(self) -> AnalysisOutput:
         """Run-level figures under ``spectral_run/<name>[_<group>]`` (a section apart from the series)."""
@@ -222,6 +237,11 @@ class Analyses:
         """Every analysis' scalars and tables for ``snapshot``."""
         return self._run("update", snapshot, model_map)
 
+    def update_fast(self, snapshot: Snapshot, model_map: ModelMap) -> AnalysisOutput:
+        """The scalars of the analyses that read fast-lane steps (an optional ``update_fast`` method,
+        same signature as ``update``) for a fast-lane ``snapshot``."""
+        return self._run("update_fast", snapshot, model_map)
+
     def summarize(self, last: StepReport, config: Mapping[str, Any],
                   headline: tuple[str, ...] | None = HEADLINE_RUN, footer: str = "") -> RunSummary:
         """The run summary: the per-layer table of the ``last`` report, then each analysis' run-level
@@ -250,6 +270,8 @@ class Analyses:
         texts: list[str] = []
         for analysis in self.analyses:
             if analysis.name in self.disabled:
+                continue
+            if not hasattr(analysis, method):  # update_fast is optional
                 continue
             try:
                 output: AnalysisOutput = getattr(analysis, method)(*args)

@@ -76,12 +76,16 @@ class FastLaneRunner:
         return StepReport(step=step, snapshot=measure.to_snapshot(self.model_map), metrics=self.metrics,
                           heatmap_metrics=(), per_expert=self.per_expert, full=False)
 
-    def measure_for_check(self, step: int) -> None:
-        """Measure (unpublished) at a full-snapshot step, to compare with the exact values later."""
-        if self.lane is not None:
-            measure = self._measure(step)
-            if measure is not None:
-                self._checks[step] = measure
+    def measure_for_check(self, step: int) -> Snapshot | None:
+        """Measure (unpublished) at a full-snapshot step, to compare with the exact values later;
+        the measurement as a snapshot (for the analyses' fast series), or None."""
+        if self.lane is None:
+            return None
+        measure = self._measure(step)
+        if measure is None:
+            return None
+        self._checks[step] = measure
+        return measure.to_snapshot(self.model_map)
 
     def check(self, snapshot: Snapshot) -> dict[str, float]:
         """``{HONESTY_KEY: largest relative error}`` of the lane against ``snapshot`` over the

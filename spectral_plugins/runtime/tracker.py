@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from torch import nn
@@ -232,14 +233,16 @@ class SpectralTracker:
         taken = due and self.strategy.submit(step)
         if taken:
             self._submitted = step
-            if self.fast is not None:
-                self.fast.measure_for_check(step)
+            checked = None if self.fast is None else self.fast.measure_for_check(step)
+            if checked is not None:  # the fast series (wave front) gets the full steps too, in step order
+                self.analyses.update_fast(checked, self.model_map)
         report = self._publish_finished()
         # Between full snapshots (and at a due step background mode skipped), the fast lane.
         if not taken and self.fast is not None and self.fast.due(step) and self._after_latest(step):
             fast_report = self.fast.report(step)
             if fast_report is not None:
-                self.delivery.step(fast_report, self.config)
+                output = self.analyses.update_fast(fast_report.snapshot, self.model_map)
+                self.delivery.step(replace(fast_report, extra_scalars=dict(output.scalars)), self.config)
         return report
 
     def flush(self, timeout: float | None = None) -> None:

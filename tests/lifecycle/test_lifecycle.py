@@ -317,3 +317,72 @@ def test_summary_text_gives_uncertainty_or_says_undetermined_and_why(clean) -> N
     assert "2 arrivals; error undetermined: 2 arrivals fit any line exactly" in group_text(two.group("qk"))
     for t in (lifecycle_text(summary), text, lifecycle_text(two)):
         assert "nan" not in t.lower()
+
+
+# A wave too fast for full snapshots every 25 steps: 12 blocks in 30 steps (the demo's whole stack
+# compresses within ~100 steps). The fast lane samples it every 2 steps.
+QUICK = dict(speed=400.0, t0=100.0, t_r=1e9, width=1.0, last=600)
+
+
+def as_snapshots(history, every: int = 1) -> list[Snapshot]:
+    """The history's kept steps (every ``every``-th) as snapshots of its stable ranks and alphas."""
+    sr, alpha = history.values("stable_rank"), history.values("alpha")
+
+    def layers(t: int) -> tuple:
+        return tuple(layer(info.key, info.depth, info.role, float(sr[t, j]), float(alpha[t, j]))
+                     for j, info in enumerate(history.matrices))
+
+    return [Snapshot(int(step), layers(t)) for t, step in enumerate(history.steps) if t % every == 0]
+
+
+def test_the_fast_lanes_dense_series_resolve_a_wave_the_full_snapshots_cannot() -> None:
+    full, dense = wave_history(interval=25, **QUICK), wave_history(interval=2, **QUICK)
+    coarse, fine = summarize(full, FAST_CONFIG), summarize(full, FAST_CONFIG, waves=dense)
+    assert fine.group("qk").wave_speed == pytest.approx(400.0, rel=0.02)
+    assert fine.group("qk").wave_r2 > 0.99 and fine.group("qk").wave_arrivals == 12
+    assert abs(coarse.group("qk").wave_speed - 400.0) > 50.0 and coarse.group("qk").wave_r2 < 0.8
+    # alpha keeps the full snapshots' cadence: its figures do not change
+    assert fine.group("all").delta_alpha == coarse.group("all").delta_alpha
+    assert [g.alpha_depth_gradient for g in fine.groups] == [g.alpha_depth_gradient for g in coarse.groups]
+    # the state at a full step reads the dense series up to that step, not beyond it
+    head = wave_history(interval=25, **{**QUICK, "last": 125})
+    state = lifecycle_state(head, FAST_CONFIG, waves=dense)
+    expected = wave_trajectory(dense, "qk", FAST_CONFIG, until=125)
+    assert state.step == 125 and expected.steps[-1] == 124
+    assert state.group("qk").front_depth == pytest.approx(expected.front[-1])
+    assert state.group("qk").nsr_mean == pytest.approx(float(np.mean(expected.nsr[-1])))
+
+
+def test_lifecycle_takes_fast_steps_between_late_full_snapshots_and_resumes_exactly() -> None:
+    dense, full = wave_history(interval=2, **QUICK), wave_history(interval=20, **QUICK)
+    lc = SpectralLifecycle(FAST_CONFIG)
+    fulls = {s.step: s for s in as_snapshots(full)}
+    pending: list[Snapshot] = []
+    resumed = None
+    for snapshot in as_snapshots(dense):
+        fast = lc.update_fast(snapshot)
+        assert fast.step == snapshot.step and math.isnan(fast.group("all").delta_alpha)
+        assert "spectral_lifecycle/nsr_mean/qk" in fast.scalars()
+        assert not any("alpha" in key for key in fast.scalars())
+        if snapshot.step in fulls:
+            pending.append(fulls[snapshot.step])
+        if pending and snapshot.step - pending[0].step >= 10:  # a background snapshot, published late
+            late = pending.pop(0)
+            state = lc.update(late)
+            assert state.step == late.step
+            assert state.group("qk").front_depth == pytest.approx(lifecycle_state(
+                lc.history, FAST_CONFIG, waves=wave_history(interval=2, **{**QUICK, "last": late.step})
+            ).group("qk").front_depth, nan_ok=True)
+        if snapshot.step == 300:
+            resumed = SpectralLifecycle()
+            resumed.load_state_dict(json.loads(json.dumps(lc.state_dict())))
+            assert resumed.state_dict() == lc.state_dict()
+    assert len(lc.waves) == len(dense) and lc.history.steps[-1] == 580
+    assert lc.summary().group("qk").wave_speed == pytest.approx(400.0, rel=0.02)
+    assert resumed is not None and resumed.waves is not None and resumed.waves.steps[-1] == 300
+    old = lc.state_dict()
+    del old["waves"]  # a checkpoint from before the fast lane
+    before = SpectralLifecycle()
+    before.load_state_dict(old)
+    assert before.waves is None and before.summary().group("qk").wave_speed == pytest.approx(
+        summarize(lc.history, FAST_CONFIG).group("qk").wave_speed)

@@ -82,10 +82,38 @@ def test_fast_steps_are_scalars_only_and_full_steps_check_the_lane():
     assert not fast.full and fast.heatmaps() == [] and fast.snapshot.method == "fast_lane"
     keys = set(fast.scalars())
     layer_keys = [ref.key for ref in tracker.model_map.matrices]
-    assert keys == {matrix_key(m, k) for m in ("stable_rank", "spectral_norm") for k in layer_keys}
+    per_matrix = {matrix_key(m, k) for m in ("stable_rank", "spectral_norm") for k in layer_keys}
+    assert keys - per_matrix == set(fast.extra_scalars)  # the rest: the stable-rank lifecycle signals
     for report in recorder.reports:
         assert 0 <= report.extra_scalars[HONESTY_KEY] < 1e-3
     assert tracker.config()["fast_every_n_steps"] == 2
+
+
+def test_fast_steps_carry_the_stable_rank_lifecycle_signals_from_the_lanes_own_values():
+    torch.manual_seed(0)
+    model = CharGPT(CONFIG)
+    recorder = RecordingPublisher()
+    tracker = SpectralTracker(model, every_n_steps=10, fast_every_n_steps=2, publishers=[recorder])
+    tracker.step(0)
+    train(model, tracker, range(20))
+    tracker.flush()
+    waves = tracker.analyses.analyses[0].lifecycle.waves  # the lifecycle's fast series: every 2 steps
+    assert waves is not None and list(waves.steps) == list(range(0, 21, 2))
+    initial = {}  # the lane's step-0 stable ranks (measured with the first full snapshot): nsr = 1 there
+    for key, value in zip(waves.matrices, waves.values("stable_rank")[0]):
+        initial[key.key] = value
+    qk = [ref.key for ref in tracker.model_map.matrices if ref.role in ("q", "k")]
+    for fast in recorder.fast_reports:
+        assert not any(key.startswith("spectral_alpha") or "alpha" in key for key in fast.extra_scalars)
+        # independent: the mean over Q/K matrices of the published fast stable rank over its initial value
+        nsr = [fast.scalars()[matrix_key("stable_rank", key)] / initial[key] for key in qk]
+        assert fast.extra_scalars["spectral_lifecycle/nsr_mean/qk"] == pytest.approx(sum(nsr) / len(nsr))
+        assert "spectral_lifecycle/qk_vo_asymmetry" in fast.extra_scalars
+    # full snapshots still carry the alpha signals, and their stable-rank ones come from the lane too
+    assert "spectral_lifecycle/delta_alpha/qk" in recorder.reports[-1].extra_scalars
+    with_front = [r for r in [*recorder.fast_reports, *recorder.reports]
+                  if "spectral_lifecycle/wave_front_depth/qk" in r.extra_scalars]
+    assert len(with_front) >= len(recorder.fast_reports) // 2  # the stack compresses from the first steps
 
 
 def test_resumed_tracker_continues_the_fast_series_after_its_checkpoint():
