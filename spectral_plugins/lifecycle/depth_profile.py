@@ -43,8 +43,11 @@ def alpha_depth_gradient(depths: np.ndarray, values: np.ndarray) -> np.ndarray:
 
 
 def settled_profile(values: np.ndarray, tail_fraction: float = 0.1) -> np.ndarray:
-    """(D,) mean of the last ``ceil(tail_fraction * T)`` rows (at least one), ignoring NaN."""
+    """(D,) mean of the last ``ceil(tail_fraction * T)`` rows (at least one), ignoring NaN. Rows
+    without any finite value (steps where the metric was not measured, such as fast-lane steps in a
+    history read back from a tracker) are not counted."""
     values = np.atleast_2d(np.asarray(values, dtype=np.float64))
+    values = values[np.isfinite(values).any(axis=1)]
     if values.shape[0] == 0:
         return np.full(values.shape[1], np.nan)
     n = max(1, math.ceil(tail_fraction * values.shape[0]))

@@ -232,54 +232,62 @@ class SpectralHistory:
         chosen = self.stacks[0] if stack is None else stack
         return len({i.depth for i in self._infos if i.depth is not None and i.stack == chosen})
 
-    def values(self, metric: str) -> np.ndarray:
-        """(T, M) every kept value of ``metric``; column j belongs to ``matrices[j]``."""
+    def values(self, metric: str, last: int | None = None) -> np.ndarray:
+        """(T, M) every kept value of ``metric``; column j belongs to ``matrices[j]``. ``last``: only
+        the last that many kept steps (cheap: what a per-step signal needs)."""
+        if last is not None:
+            return self._stack(self._metric_index(metric), self._rows[-last:] if last > 0 else [])
         if metric not in self._cache:
-            m = self._metric_index(metric)
-            out = np.full((len(self._rows), len(self._infos)), np.nan)
-            for t, row in enumerate(self._rows):
-                out[t, : row.shape[1]] = row[m]
-            self._cache[metric] = out
+            self._cache[metric] = self._stack(self._metric_index(metric), self._rows)
         return self._cache[metric]
+
+    def _stack(self, m: int, rows: Sequence[np.ndarray]) -> np.ndarray:
+        out = np.full((len(rows), len(self._infos)), np.nan)
+        for t, row in enumerate(rows):
+            out[t, : row.shape[1]] = row[m]
+        return out
 
     def reference(self, metric: str) -> np.ndarray:
         """(M,) each matrix's first finite value of ``metric`` (NaN if never finite)."""
         return self._reference[self._metric_index(metric)].copy()
 
-    def normalised(self, metric: str) -> np.ndarray:
-        """(T, M) ``values / reference``: 1 at the first snapshot, NaN where the reference is 0 or NaN."""
+    def normalised(self, metric: str, last: int | None = None) -> np.ndarray:
+        """(T, M) ``values / reference``: 1 at the first snapshot, NaN where the reference is 0 or NaN
+        (``last``: only the last that many kept steps)."""
         ref = self.reference(metric)
         ref = np.where(np.isfinite(ref) & (ref != 0), ref, np.nan)
-        return self.values(metric) / ref
+        return self.values(metric, last) / ref
 
     def series(self, key: str, metric: str) -> tuple[np.ndarray, np.ndarray]:
         """(steps, values) of one matrix's metric."""
         return self.steps, self.values(metric)[:, self._index[key]].copy()
 
     def profile(self, metric: str, roles: Sequence[str] | str = "all",
-                normalise: bool = False, stack: str | None = None) -> DepthProfile:
+                normalise: bool = False, stack: str | None = None, last: int | None = None) -> DepthProfile:
         """The depth profile of ``metric`` over a role group (a name of :data:`ROLE_GROUPS` or roles)
         in one stack (None: the first of :attr:`stacks`, the only one of a single-stack model).
 
-        ``normalise=True`` divides each matrix by its reference before averaging over the group.
+        ``normalise=True`` divides each matrix by its reference before averaging over the group;
+        ``last``: only the last that many kept steps.
         """
         chosen = self.stacks[0] if stack is None else stack
         wanted = set(ROLE_GROUPS[roles] if isinstance(roles, str) and roles in ROLE_GROUPS else
                      ((roles,) if isinstance(roles, str) else roles))
-        data = self.normalised(metric) if normalise else self.values(metric)
+        data = self.normalised(metric, last) if normalise else self.values(metric, last)
         columns: dict[int, list[int]] = {}
         for j, info in enumerate(self._infos):
             if info.depth is not None and info.role in wanted and info.stack == chosen:
                 columns.setdefault(info.depth, []).append(j)
         depths = np.asarray(sorted(columns), dtype=np.int64)
-        out = np.full((len(self._steps), len(depths)), np.nan)
+        out = np.full((data.shape[0], len(depths)), np.nan)
         for d, depth in enumerate(depths):
             block = data[:, columns[int(depth)]]
             finite = np.isfinite(block)
             count = finite.sum(axis=1)
             total = np.where(finite, block, 0.0).sum(axis=1)
             out[:, d] = np.where(count > 0, total / np.maximum(count, 1), np.nan)
-        return DepthProfile(self.steps, depths, out)
+        steps = self.steps if last is None else self.steps[len(self._steps) - data.shape[0]:]
+        return DepthProfile(steps, depths, out)
 
     def nbytes(self) -> int:
         """Bytes held by the stored values (the part that grows with the run)."""

@@ -136,9 +136,14 @@ def wave_trajectory(history: SpectralHistory, group: str, config: LifecycleConfi
 
 def alpha_profiles(history: SpectralHistory, group: str, stack: str | None = None
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(steps, depths, alpha (T, D)) of a role group in one stack (None: the first or only one)."""
+    """(steps, depths, alpha (T, D)) of a role group in one stack (None: the first or only one), at
+    the steps where alpha was measured (a history read back from a tracker also holds the fast lane's
+    stable-rank-only steps)."""
     profile = history.profile("alpha", group, stack=stack)
-    return profile.steps, profile.depths, profile.values
+    if profile.values.size == 0:
+        return profile.steps, profile.depths, profile.values
+    measured = np.isfinite(profile.values).any(axis=1)
+    return profile.steps[measured], profile.depths, profile.values[measured]
 
 
 def asymmetry_series(history: SpectralHistory, stack: str | None = None, until: float = math.inf
@@ -158,7 +163,8 @@ class GroupState:
     Attributes:
         group: role group. front_depth: wave-front depth (blocks). front_speed: trailing speed
         (blocks per 1k steps). nsr_mean: mean normalised stable rank over the group. nsr_order:
-        compression order. reversed / reversal_step: confirmed reversal so far and its step.
+        compression order. reversed / reversal_step: confirmed reversal so far and its step
+        (``reversed`` None at a fast-lane step, where the reversal is not evaluated).
         delta_alpha: spread of the alpha depth profile. alpha_depth_gradient: its slope per full depth.
         stack: the stack of blocks (None: a single-stack model).
     """
@@ -168,7 +174,7 @@ class GroupState:
     front_speed: float
     nsr_mean: float
     nsr_order: float
-    reversed: bool
+    reversed: bool | None
     reversal_step: float
     delta_alpha: float
     alpha_depth_gradient: float
@@ -203,7 +209,7 @@ class LifecycleState:
                 lifecycle_key("wave_front_speed", g.label): g.front_speed,
                 lifecycle_key("nsr_mean", g.label): g.nsr_mean,
                 lifecycle_key("nsr_depth_order", g.label): g.nsr_order,
-                lifecycle_key("wave_reversed", g.label): float(g.reversed),
+                lifecycle_key("wave_reversed", g.label): _flag(g.reversed),
                 lifecycle_key("wave_reversal_step", g.label): g.reversal_step,
                 lifecycle_key("delta_alpha", g.label): g.delta_alpha,
                 lifecycle_key("alpha_depth_gradient", g.label): g.alpha_depth_gradient,
@@ -224,26 +230,45 @@ def lifecycle_state(history: SpectralHistory, config: LifecycleConfig = Lifecycl
 
 
 def wave_state(waves: SpectralHistory, config: LifecycleConfig = LifecycleConfig()) -> LifecycleState:
-    """The stable-rank signals at the last step of ``waves`` (a fast-lane step: the alpha signals are
-    NaN, so :meth:`LifecycleState.scalars` leaves them out)."""
+    """The stable-rank signals at the last step of ``waves`` (a fast-lane step), read from its last
+    few kept steps so that it stays cheap at every step: the front (from the last ``lag`` steps),
+    its trailing speed (the defined fronts among the last ``lag + 4 speed_window`` steps), the mean
+    normalised stable rank, the compression order and the asymmetry index. The alpha signals are
+    NaN and the reversal (a property of the whole series, published with the full snapshots) is
+    None, so :meth:`LifecycleState.scalars` leaves them out."""
     if len(waves) == 0:
         raise ValueError("the history is empty")
-    return _state(waves, int(waves.steps[-1]), config, None)
+    window = config.lag + 4 * config.speed_window
+    groups = []
+    for stack in waves.stacks:
+        for name in config.groups:
+            p = waves.profile("stable_rank", name, normalise=True, stack=stack, last=window)
+            front = wave.wave_front(p.steps, p.depths, p.values, config.lag, config.rate_floor)
+            recent = np.flatnonzero(np.isfinite(front))[-config.speed_window:]
+            defined = math.isfinite(_last(front))
+            speed = wave.front_speed(p.steps[recent], front[recent]) if defined else math.nan
+            last_nsr = p.values[-1] if p.values.size else np.array([])
+            order = _last(wave.compression_order(p.depths, p.values[-1:]))
+            groups.append(GroupState(name, _last(front), speed, _nanmean(last_nsr), order, None, math.nan,
+                                     math.nan, math.nan, stack))
+    def last_variance(group: str, stack: str | None) -> np.ndarray:
+        return depth_variance(waves.profile("stable_rank", group, normalise=True, stack=stack, last=1).values)
+
+    per_stack = tuple((stack, _last(asymmetry_index(last_variance("qk", stack), last_variance("vo", stack))))
+                      for stack in waves.stacks)
+    return LifecycleState(int(waves.steps[-1]), tuple(groups), per_stack[0][1], _named_stacks(per_stack))
 
 
 def _state(waves: SpectralHistory, step: int, config: LifecycleConfig,
-           alphas: SpectralHistory | None) -> LifecycleState:
+           alphas: SpectralHistory) -> LifecycleState:
     groups = []
     for stack in waves.stacks:
         for name in config.groups:
             w = wave_trajectory(waves, name, config, full_speed=False, stack=stack, until=step)
             last_nsr = w.nsr[-1] if w.nsr.size else np.array([])
-            spread = gradient = math.nan
-            if alphas is not None:
-                _, depths, alpha = alpha_profiles(alphas, name, stack)
-                if alpha.size:
-                    spread = _last(delta_alpha(alpha[-1:]))
-                    gradient = _last(alpha_depth_gradient(depths, alpha[-1:]))
+            _, depths, alpha = alpha_profiles(alphas, name, stack)
+            spread = _last(delta_alpha(alpha[-1:])) if alpha.size else math.nan
+            gradient = _last(alpha_depth_gradient(depths, alpha[-1:])) if alpha.size else math.nan
             groups.append(GroupState(name, _last(w.front), _last(w.speed), _nanmean(last_nsr), _last(w.order),
                                      w.reversal.reversed, w.reversal.step, spread, gradient, stack))
     per_stack = tuple((stack, _last(asymmetry_series(waves, stack, until=step)[1])) for stack in waves.stacks)
@@ -500,6 +525,11 @@ def _asymmetry_scalars(name: str, value: float, per_stack: tuple[tuple[str, floa
     if not per_stack:
         return {lifecycle_key(name): value}
     return {lifecycle_key(name, stack): index for stack, index in per_stack}
+
+
+def _flag(value: bool | None) -> float:
+    """1.0 / 0.0, NaN (left out of the scalars) for None: not evaluated."""
+    return math.nan if value is None else float(value)
 
 
 def _finite(values: Mapping[str, float]) -> dict[str, float]:

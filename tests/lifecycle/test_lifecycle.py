@@ -15,6 +15,7 @@ from spectral_plugins.lifecycle.depth_profile import delta_alpha, fit_inverted_u
 from spectral_plugins.lifecycle.signals import (
     LifecycleConfig,
     SpectralLifecycle,
+    asymmetry_series,
     lifecycle_state,
     summarize,
     wave_trajectory,
@@ -364,6 +365,16 @@ def test_lifecycle_takes_fast_steps_between_late_full_snapshots_and_resumes_exac
         assert fast.step == snapshot.step and math.isnan(fast.group("all").delta_alpha)
         assert "spectral_lifecycle/nsr_mean/qk" in fast.scalars()
         assert not any("alpha" in key for key in fast.scalars())
+        if snapshot.step % 50 == 10:  # the cheap state (last few steps) = the whole series' last point
+            for name in ("qk", "vo", "mlp", "all"):
+                whole = wave_trajectory(lc.waves, name, FAST_CONFIG, full_speed=False)
+                cheap = fast.group(name)
+                assert cheap.front_depth == pytest.approx(whole.front[-1], nan_ok=True)
+                assert cheap.front_speed == pytest.approx(whole.speed[-1], nan_ok=True)
+                assert cheap.nsr_mean == pytest.approx(float(np.mean(whole.nsr[-1])))
+                assert cheap.nsr_order == pytest.approx(whole.order[-1])
+            assert fast.qk_vo_asymmetry == pytest.approx(asymmetry_series(lc.waves)[1][-1], nan_ok=True)
+            assert "spectral_lifecycle/wave_reversed/qk" not in fast.scalars()  # evaluated at full steps
         if snapshot.step in fulls:
             pending.append(fulls[snapshot.step])
         if pending and snapshot.step - pending[0].step >= 10:  # a background snapshot, published late
