@@ -161,11 +161,16 @@ class GroupState:
     """One role group's signals at one step (NaN where undefined).
 
     Attributes:
-        group: role group. front_depth: wave-front depth (blocks). front_speed: trailing speed
-        (blocks per 1k steps). nsr_mean: mean normalised stable rank over the group. nsr_order:
-        compression order. reversed / reversal_step: confirmed reversal so far and its step
-        (``reversed`` None at a fast-lane step, where the reversal is not evaluated).
-        delta_alpha: spread of the alpha depth profile. alpha_depth_gradient: its slope per full depth.
+        group: role group.
+        front_depth: wave-front depth (blocks).
+        front_speed: trailing speed (blocks per 1k steps).
+        nsr_mean: mean normalised stable rank over the group.
+        nsr_order: compression order.
+        reversed: whether a reversal is confirmed so far (None at a fast-lane step, where the
+            reversal is not evaluated).
+        reversal_step: the step of that reversal.
+        delta_alpha: spread of the alpha depth profile.
+        alpha_depth_gradient: its slope per full depth.
         stack: the stack of blocks (None: a single-stack model).
     """
 
