@@ -243,6 +243,23 @@ def _lanczos_round(group: _Group, steps: int) -> tuple[torch.Tensor, torch.Tenso
     return top.clamp_min(0), residual
 
 
+def merge_measures(model_map: ModelMap, measures: list[FastMeasure | None], step: int) -> FastMeasure:
+    """One :class:`FastMeasure` of every matrix of ``model_map`` (in its order) from measures of
+    disjoint shares of it (as ranks measure them); a matrix no measure holds (a share whose rank
+    failed, given as None) gets NaN values. ``seconds`` is the slowest share's."""
+    found = {key: (m, i) for m in measures if m is not None for i, key in enumerate(m.keys)}
+    keys = tuple(ref.key for ref in model_map.matrices)
+
+    def column(name: str) -> np.ndarray:
+        return np.array([float(getattr(found[k][0], name)[found[k][1]]) if k in found else math.nan
+                         for k in keys])
+
+    return FastMeasure(step=int(step), keys=keys, spectral_norm=column("spectral_norm"),
+                       frobenius_norm=column("frobenius_norm"), stable_rank=column("stable_rank"),
+                       residual=column("residual"), products=column("products"),
+                       seconds=max((m.seconds for m in measures if m is not None), default=0.0))
+
+
 def fast_lane_error(measure: FastMeasure, snapshot: Snapshot, metric: str = "stable_rank") -> float:
     """Largest relative difference between the fast lane's ``metric`` and a full snapshot's over the
     matrices both have finite values for (NaN when none): the lane's honesty check."""

@@ -9,8 +9,11 @@ measured too, unpublished, and the largest relative disagreement with the exact 
 as ``spectral_fast/max_rel_error`` (:data:`HONESTY_KEY`).
 
 The lane runs on the training thread in every mode (it costs a few matrix-vector products per
-matrix). Under torch.distributed rank 0 measures its replicated weights; sharded (DTensor) weights
-turn the lane off with one warning. A failure warns once per kind, is counted, and never reaches
+matrix). Under torch.distributed (a tracker on every rank, replicated weights as under DDP) each
+rank measures its share of the matrices (balanced by ``m n``, the cost of one product) and rank 0
+gathers the shares (one ``gather_object`` of a few numbers per matrix, at the same steps on every
+rank); sharded (DTensor) weights turn the lane off with one warning. A failure warns once, is
+counted (a rank that fails sends nothing and its matrices are NaN at that step), and never reaches
 training.
 """
 
@@ -19,12 +22,14 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+from dataclasses import replace
 
 import torch.distributed as dist
 
-from ..core.fast_lane import FAST_METRICS, FastLane, FastMeasure, fast_lane_error
+from ..core.fast_lane import FAST_METRICS, FastLane, FastMeasure, fast_lane_error, merge_measures
 from ..core.model_map import ModelMap
 from ..core.snapshot import Snapshot
+from .distributed import assign_ranks
 from .publishing import StepReport
 
 log = logging.getLogger("spectral_plugins")
@@ -42,13 +47,16 @@ class FastLaneRunner:
             :data:`~spectral_plugins.core.fast_lane.FAST_METRICS` among them.
         per_expert: publish every expert matrix too, not only the per-layer aggregates (as the
             full snapshots do).
+        distributed: share the matrices across the ranks of the default process group (every rank
+            runs a runner and calls it at the same steps; rank 0 gets the reports).
     """
 
     def __init__(self, model_map: ModelMap, every_n_steps: int, metrics: tuple[str, ...],
-                 per_expert: bool = False) -> None:
+                 per_expert: bool = False, distributed: bool = False) -> None:
         self.model_map, self.every_n_steps, self.per_expert = model_map, every_n_steps, per_expert
         self.metrics = tuple(m for m in FAST_METRICS if m in metrics)
-        self.lane: FastLane | None = None
+        self.lane: FastLane | None = None  # this rank's share (all of the map in a single process)
+        self.ranks, self.rank = 1, 0
         self.measured = 0
         self.failed = 0
         self.last_step: int | None = None
@@ -60,8 +68,14 @@ class FastLaneRunner:
                           f"({sharded[0]}, ...); full snapshots continue", RuntimeWarning, stacklevel=3)
         elif not self.metrics:
             log.info("fast lane: none of %s is published (metrics=...); it stays off", FAST_METRICS)
-        elif not dist.is_available() or not dist.is_initialized() or dist.get_rank() == 0:
-            self.lane = FastLane(model_map)
+        else:
+            share = model_map
+            if distributed:
+                self.ranks, self.rank = dist.get_world_size(), dist.get_rank()
+                owners = assign_ranks([ref.shape[0] * ref.shape[1] for ref in model_map.matrices], self.ranks)
+                share = replace(model_map, matrices=tuple(
+                    ref for ref, owner in zip(model_map.matrices, owners) if owner == self.rank))
+            self.lane = FastLane(share)
 
     def due(self, step: int) -> bool:
         """Whether ``step`` is a fast-lane step not measured yet."""
@@ -103,17 +117,34 @@ class FastLaneRunner:
         return {HONESTY_KEY: self.last_error}
 
     def _measure(self, step: int) -> FastMeasure | None:
+        """The lane at ``step``: this rank's share, gathered to rank 0 under torch.distributed (every
+        rank takes part whatever fails locally); None where nothing is to be published."""
         assert self.lane is not None
         self.last_step = step
         try:
-            measure = self.lane.measure(step)
+            measure: FastMeasure | None = self.lane.measure(step)
         except Exception as error:  # noqa: BLE001 - monitoring must never break training
-            self.failed += 1
+            measure = None
             log.debug("fast lane at step %s failed", step, exc_info=True)
-            if self.failed == 1:
-                warnings.warn(f"spectral-plugins: the fast lane failed at step {step} "
-                              f"({type(error).__name__}: {error}); it is tried again at its next step, "
-                              "full snapshots continue", RuntimeWarning, stacklevel=4)
+            self._failed(step, f"{type(error).__name__}: {error}")
+        if self.ranks > 1:
+            shares: list[FastMeasure | None] | None = [None] * self.ranks if self.rank == 0 else None
+            dist.gather_object(measure, shares, dst=0)
+            if shares is None:
+                return None
+            lost = [rank for rank, share in enumerate(shares) if share is None and rank != self.rank]
+            if lost:
+                self._failed(step, f"rank(s) {lost} sent no share; their matrices are NaN at this step")
+            if all(share is None for share in shares):
+                return None
+            measure = merge_measures(self.model_map, shares, step)
+        if measure is None:
             return None
         self.measured += 1
         return measure
+
+    def _failed(self, step: int, why: str) -> None:
+        self.failed += 1
+        if self.failed == 1:
+            warnings.warn(f"spectral-plugins: the fast lane failed at step {step} ({why}); it is tried "
+                          "again at its next step, full snapshots continue", RuntimeWarning, stacklevel=5)

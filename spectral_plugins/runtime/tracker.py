@@ -158,7 +158,7 @@ class SpectralTracker:
         self._submitted: int | None = None  # the last step the strategy took (maybe still in flight)
         self._collected = False  # whether a snapshot finished here (the same on every rank)
         self.fast = None if options.fast_every_n_steps is None else FastLaneRunner(
-            self.model_map, options.fast_every_n_steps, self.metrics, self.per_expert)
+            self.model_map, options.fast_every_n_steps, self.metrics, self.per_expert, self.ranks > 1)
         self._snapshots = 0
 
     # ------------------------------------------------------------------ publishers and analyses

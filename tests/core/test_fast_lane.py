@@ -93,3 +93,27 @@ def test_fused_qkv_views_and_the_honesty_check_against_a_full_snapshot(gpt2_mode
     assert fast_lane_error(measure, snapshot, "frobenius_norm") < 1e-5
     with pytest.raises(ValueError, match="fast lane measures"):
         measure.values("alpha")
+
+
+def test_shares_measured_apart_merge_into_the_map_order_and_a_missing_share_is_nan():
+    from dataclasses import replace
+
+    from spectral_plugins.core.fast_lane import merge_measures
+
+    torch.manual_seed(0)
+    model_map = map_model(CharGPT(GPTConfig(vocab_size=40, block_size=16, n_layer=2, n_head=2, d_model=32)))
+    matrices = model_map.matrices
+    shares = [replace(model_map, matrices=matrices[0::3]), replace(model_map, matrices=matrices[1::3]),
+              replace(model_map, matrices=matrices[2::3]), replace(model_map, matrices=())]  # one rank idle
+    measures = [FastLane(share).measure(step=4) for share in shares]
+    merged = merge_measures(model_map, measures, step=4)
+    assert merged.step == 4 and merged.keys == tuple(ref.key for ref in matrices)
+    assert relative_errors(merged.values("stable_rank"), exact_stable_rank(model_map)).max() < 1e-3
+    for measure in measures:
+        for i, key in enumerate(measure.keys):
+            j = merged.keys.index(key)
+            assert merged.stable_rank[j] == measure.stable_rank[i]
+            assert merged.products[j] == measure.products[i]
+    lost = merge_measures(model_map, [measures[0], None, measures[2], measures[3]], step=4)
+    missing = {ref.key for ref in matrices[1::3]}
+    assert all(math.isnan(v) == (k in missing) for k, v in lost.values("stable_rank").items())

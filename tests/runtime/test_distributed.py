@@ -247,10 +247,11 @@ def _tracked_ddp_run(rank: int, background: bool) -> dict[str, Any]:
     model = nn.parallel.DistributedDataParallel(net())
     recording = RecordingPublisher()
     tracker = SpectralTracker(model.module, every_n_steps=2, publishers=[recording], background=background,
-                              heatmap=False)
+                              heatmap=False, fast_every_n_steps=1)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     generator = torch.Generator().manual_seed(100 + rank)
     references = {0: SpectralEngine().analyze(map_model(model.module), step=0)}
+    exact_stable_ranks = {}  # float64 SVD of the (replicated) weights at every step
     tracker.step(0)
     for step in range(1, 8):
         loss = model(torch.randint(0, 50, (2, 8), generator=generator))
@@ -259,12 +260,19 @@ def _tracked_ddp_run(rank: int, background: bool) -> dict[str, Any]:
         optimizer.step()
         if step % 2 == 0 or step == 7:
             references[step] = SpectralEngine().analyze(map_model(model.module), step=step)
+        singular = {ref.key: torch.linalg.svdvals(ref.weight().double()) for ref in tracker.model_map}
+        exact_stable_ranks[step] = {k: float(s.square().sum() / s[0] ** 2) for k, s in singular.items()}
         tracker.step(step)
     summary = tracker.finish()
     reports = recording.reports
+    assert tracker.fast is not None and tracker.fast.lane is not None
     return {"steps": [r.step for r in reports], "snapshots": [r.snapshot for r in reports],
             "references": references, "summary": summary is not None, "summaries": len(recording.summaries),
-            "configs": recording.configs, "last_step": tracker.last_step, "closed": recording.closed}
+            "configs": recording.configs, "last_step": tracker.last_step, "closed": recording.closed,
+            "fast": [(r.step, {layer.key: layer.stable_rank for layer in r.snapshot})
+                     for r in recording.fast_reports],
+            "exact_stable_ranks": exact_stable_ranks, "fast_failed": tracker.fast.failed,
+            "share": [ref.key for ref in tracker.fast.lane.model_map]}
 
 
 def scenario_tracker_ddp(rank: int, world: int) -> dict[str, Any]:
@@ -430,8 +438,19 @@ def test_tracker_shares_work_and_rank_zero_publishes_exact_snapshots(gloo, scena
     assert main["summary"] and main["summaries"] == 1 and main["configs"][0]["ranks"] == 3
     for other in results[1:]:  # the same steps were computed there, nothing was published
         assert other["steps"] == [] and other["summaries"] == 0 and not other["summary"]
-        assert other["last_step"] == 7
+        assert other["last_step"] == 7 and other["fast"] == []
     assert all(r["closed"] == 1 for r in results)
+    # the fast lane: each rank measured its own share, rank 0 published every matrix at every
+    # step between full snapshots, each within 1e-3 of a float64 SVD of the weights at that step
+    shares = [r["share"] for r in results]
+    everything = [layer.key for layer in main["snapshots"][0]]
+    assert sorted(sum(shares, [])) == sorted(everything) and all(shares)
+    assert [step for step, _ in main["fast"]] == [1, 3, 5, 7] and main["fast_failed"] == 0
+    for step, stable_ranks in main["fast"]:
+        assert set(stable_ranks) == set(everything)
+        for key, value in stable_ranks.items():
+            exact = main["exact_stable_ranks"][step][key]
+            assert abs(value - exact) <= 1e-3 * exact, (step, key, value, exact)
 
 
 @pytest.mark.slow
