@@ -151,15 +151,19 @@ def section(tag: str, command: str, args: argparse.Namespace, results: list[RunR
             f"| {r.seed} | {r.depth} | {args.steps} | {r.group} | {fmt(trained, 0)} | "
             f"{with_error(r.speed, r.speed_stderr)} | {fmt(r.r2, 2)} | {fmt(c.rho, 2)} | {_p(c.p)} | "
             f"{'yes' if c.moves_with_depth else 'no'} | {fmt(r.reversal, 0)} | {_arrivals(r.arrivals)} |")
-    lines += ["", "Pooled over seeds (Spearman rho over all (depth, arrival) pairs of the seeds):", "",
-              "| L | group | pairs | rho | p | moves | seeds that move |", "|---|---|---|---|---|---|---|"]
+    lines += ["", "Pooled over seeds (Spearman rho over all (depth, arrival) pairs of the seeds; the last "
+              "two columns without the first block, to see whether it alone makes the correlation):", "",
+              "| L | group | pairs | rho | p | moves | seeds that move | rho without block 0 | p |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for depth in sorted({r.depth for r in results}):
         for group in dict.fromkeys(r.group for r in results):
             rows = [r for r in results if r.depth == depth and r.group == group]
             pooled = pooled_correlation([(r.depths, r.arrivals) for r in rows])
+            later = pooled_correlation([(r.depths[1:], r.arrivals[1:]) for r in rows])
             moving = sum(r.correlation.moves_with_depth for r in rows)
             lines.append(f"| {depth} | {group} | {pooled.n} | {fmt(pooled.rho, 2)} | {_p(pooled.p)} | "
-                         f"{'yes' if pooled.moves_with_depth else 'no'} | {moving} of {len(rows)} |")
+                         f"{'yes' if pooled.moves_with_depth else 'no'} | {moving} of {len(rows)} | "
+                         f"{fmt(later.rho, 2)} | {_p(later.p)} |")
     lines += ["", f"<!-- wave-search:{tag}:end -->"]
     return "\n".join(lines)
 

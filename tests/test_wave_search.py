@@ -89,7 +89,10 @@ def test_the_doc_block_has_a_row_per_run_and_group_and_replaces_its_old_self() -
             or line.startswith(f"| 1 | {BLOCKS} | 6000 | ")]
     assert len(rows) == 4 and "| qk | 12 |" in rows[0] and "| yes |" in rows[0]
     pooled = pooled_correlation([(r.depths, r.arrivals) for r in results if r.group == "qk"])
-    assert f"| {BLOCKS} | qk | 16 | {pooled.rho:.2f} | {pooled.p:.2g} | yes | 2 of 2 |" in block
+    later = pooled_correlation([(r.depths[1:], r.arrivals[1:]) for r in results if r.group == "qk"])
+    assert later.n == 14 and later.rho > 0.9
+    assert (f"| {BLOCKS} | qk | 16 | {pooled.rho:.2f} | {pooled.p:.2g} | yes | 2 of 2 | {later.rho:.2f} | "
+            f"{later.p:.2g} |") in block
     assert "warm-up over 300 steps" in block and "Machine: test machine." in block
     doc = replace_block("# Doc\n\nintro\n", "t", "<!-- wave-search:t:start -->old<!-- wave-search:t:end -->")
     new = replace_block(doc + "\n## Next\n", "t", block)
