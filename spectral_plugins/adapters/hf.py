@@ -39,7 +39,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..core.options import check_options, name_list
+from ..core.options import DEFAULT_OUTBOX_SIZE, DEFAULT_PUBLISH_TIMEOUT_S, check_options, name_list
 from ..runtime.publishing import Publisher, RunSummary, console
 from ..runtime.tracker import DEFAULT_FAST_EVERY_N_STEPS, SpectralTracker
 
@@ -98,6 +98,11 @@ class SpectralCallback(TrainerCallback, ExportableState):
         fast_every_n_steps: publish stable rank (and the norms, when published) every this many
             steps between full snapshots, from the fast lane (see
             :class:`~spectral_plugins.runtime.tracker.SpectralTracker`); None turns it off.
+        outbox_size: entries each publisher's outbox keeps while its tracker is slow or down (see
+            :class:`~spectral_plugins.runtime.tracker.SpectralTracker`; a full outbox drops its oldest
+            entry, counted and warned about).
+        publish_timeout_s: how long the end of the run waits for the outboxes to drain (what is left
+            is counted lost).
 
     Raises:
         ValueError: at construction, any option that is invalid on its own (``every_n_steps`` or
@@ -126,11 +131,14 @@ class SpectralCallback(TrainerCallback, ExportableState):
         background: bool = False,
         per_expert: bool = False,
         fast_every_n_steps: int | None = DEFAULT_FAST_EVERY_N_STEPS,
+        outbox_size: int = DEFAULT_OUTBOX_SIZE,
+        publish_timeout_s: float = DEFAULT_PUBLISH_TIMEOUT_S,
     ) -> None:
         check_options(every_n_steps=every_n_steps, metrics=metrics, series=series, heatmap=heatmap,
                       include=include, exclude=exclude, roles=roles, method=method, history=history,
                       attention=attention, device=device, threads=threads, background=background,
-                      fast_every_n_steps=fast_every_n_steps)
+                      fast_every_n_steps=fast_every_n_steps, outbox_size=outbox_size,
+                      publish_timeout_s=publish_timeout_s)
         if report_to is not None:
             name_list("report_to", report_to)
         self.options: dict[str, Any] = dict(
@@ -138,7 +146,8 @@ class SpectralCallback(TrainerCallback, ExportableState):
             roles=roles,
             method=method, heatmap=heatmap, history=history, attention=attention, device=device,
             threads=threads, background=background, per_expert=per_expert,
-            fast_every_n_steps=fast_every_n_steps)
+            fast_every_n_steps=fast_every_n_steps, outbox_size=outbox_size,
+            publish_timeout_s=publish_timeout_s)
         self.every_n_steps = every_n_steps
         self.publishers = tuple(publishers)
         self.report_to = report_to

@@ -38,7 +38,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..core.model_map import map_model
-from ..core.options import check_options
+from ..core.options import DEFAULT_OUTBOX_SIZE, DEFAULT_PUBLISH_TIMEOUT_S, check_options
 from ..runtime.publishing import Publisher, RunSummary, StepReport
 from ..runtime.tracker import DEFAULT_FAST_EVERY_N_STEPS, SpectralTracker
 
@@ -166,6 +166,11 @@ class SpectralMonitor(*_callback_bases()):  # type: ignore[misc]
         fast_every_n_steps: publish stable rank (and the norms, when published) every this many
             steps between full snapshots, from the fast lane (see
             :class:`~spectral_plugins.runtime.tracker.SpectralTracker`); None turns it off.
+        outbox_size: entries each publisher's outbox keeps while its tracker is slow or down (see
+            :class:`~spectral_plugins.runtime.tracker.SpectralTracker`; a full outbox drops its oldest
+            entry, counted and warned about).
+        publish_timeout_s: how long the end of the run waits for the outboxes to drain (what is left
+            is counted lost).
 
     Raises:
         ValueError: at construction, any option that is invalid on its own (``every_n_steps`` or
@@ -193,17 +198,21 @@ class SpectralMonitor(*_callback_bases()):  # type: ignore[misc]
         distributed: bool | None = None,
         per_expert: bool = False,
         fast_every_n_steps: int | None = DEFAULT_FAST_EVERY_N_STEPS,
+        outbox_size: int = DEFAULT_OUTBOX_SIZE,
+        publish_timeout_s: float = DEFAULT_PUBLISH_TIMEOUT_S,
     ) -> None:
         super().__init__()
         check_options(every_n_steps=every_n_steps, metrics=metrics, series=series, heatmap=publish_heatmaps,
                       include=include, exclude=exclude, roles=roles, method=method, history=history,
                       attention=attention, threads=threads, background=background, distributed=distributed,
-                      fast_every_n_steps=fast_every_n_steps, names={"heatmap": "publish_heatmaps"})
+                      fast_every_n_steps=fast_every_n_steps, outbox_size=outbox_size,
+                      publish_timeout_s=publish_timeout_s, names={"heatmap": "publish_heatmaps"})
         self.options: dict[str, Any] = dict(
             every_n_steps=every_n_steps, metrics=metrics, series=series, include=include, exclude=exclude,
             roles=roles,
             method=method, heatmap=publish_heatmaps, history=history, attention=attention, threads=threads,
-            background=background, per_expert=per_expert, fast_every_n_steps=fast_every_n_steps)
+            background=background, per_expert=per_expert, fast_every_n_steps=fast_every_n_steps,
+            outbox_size=outbox_size, publish_timeout_s=publish_timeout_s)
         self.distributed = distributed
         self.every_n_steps = every_n_steps
         self.extra_publishers = tuple(extra_publishers)

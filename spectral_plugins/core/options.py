@@ -12,6 +12,7 @@ Messages use the public option names (an adapter passes its own spelling, e.g. `
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, overload
@@ -25,6 +26,9 @@ from .roles import ROLES
 # The smallest metric history that can thin its older half and still hold a lifecycle (the
 # lifecycle's SpectralHistory refuses fewer kept steps).
 MIN_HISTORY_STEPS = 8
+# Each publisher's outbox: entries kept while its sink is slow or down, and how long closing waits.
+DEFAULT_OUTBOX_SIZE = 100
+DEFAULT_PUBLISH_TIMEOUT_S = 30.0
 # Keyword arguments of attention_bounds that ``attention={...}`` may set (the tracker passes the model
 # and its map itself). A test keeps this equal to the signature of attention_bounds.
 ATTENTION_OPTIONS: tuple[str, ...] = ("sample_batch", "delta", "seq_len", "gamma", "method", "include_bias",
@@ -47,6 +51,13 @@ def positive_int(name: str, value: object, optional: bool = False) -> int | None
         allowed = "None or an integer >= 1" if optional else "an integer >= 1"
         raise ValueError(f"{name} must be {allowed}, got {value!r}")
     return value
+
+
+def seconds(name: str, value: object) -> float:
+    """``value`` as a float if it is a finite number of seconds >= 0; else a ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+        raise ValueError(f"{name} must be a number of seconds >= 0, got {value!r}")
+    return float(value)
 
 
 def name_list(name: str, value: object) -> tuple[str, ...] | None:
@@ -189,6 +200,8 @@ class Options:
     background: bool
     distributed: bool | None
     fast_every_n_steps: int | None
+    outbox_size: int = DEFAULT_OUTBOX_SIZE
+    publish_timeout_s: float = DEFAULT_PUBLISH_TIMEOUT_S
 
 
 def check_options(
@@ -207,6 +220,8 @@ def check_options(
     background: object = False,
     distributed: object = None,
     fast_every_n_steps: object = None,
+    outbox_size: object = None,
+    publish_timeout_s: object = None,
     names: Mapping[str, str] | None = None,
 ) -> Options:
     """Check every tracker setting; ``names`` maps an option to the caller's public spelling
@@ -235,4 +250,8 @@ def check_options(
         background=flag(public("background"), background),
         distributed=flag(public("distributed"), distributed, optional=True),
         fast_every_n_steps=positive_int(public("fast_every_n_steps"), fast_every_n_steps, optional=True),
+        outbox_size=(DEFAULT_OUTBOX_SIZE if outbox_size is None
+                     else positive_int(public("outbox_size"), outbox_size)),
+        publish_timeout_s=DEFAULT_PUBLISH_TIMEOUT_S if publish_timeout_s is None else seconds(
+            public("publish_timeout_s"), publish_timeout_s),
     )

@@ -22,12 +22,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
+from ..core.options import DEFAULT_OUTBOX_SIZE
+
 if TYPE_CHECKING:
     from .publishing import Publisher
 
 log = logging.getLogger("spectral_plugins")
 
-DEFAULT_CAPACITY = 100
+DEFAULT_CAPACITY = DEFAULT_OUTBOX_SIZE
 WARN_INTERVAL_S = 60.0  # the same kind of warning at most this often (the first one at once)
 EXIT_TIMEOUT_S = 5.0  # at interpreter exit, how long outboxes never closed get to deliver what waits
 

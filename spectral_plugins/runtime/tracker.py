@@ -26,13 +26,13 @@ from torch import nn
 from ..core.engine import SpectralEngine, cpu_threads
 from ..core.heatmap import ColourScale, colour_scales
 from ..core.model_map import ModelMap, map_model
-from ..core.options import check_options, positive_int
+from ..core.options import DEFAULT_OUTBOX_SIZE, DEFAULT_PUBLISH_TIMEOUT_S, check_options
 from ..core.snapshot import Snapshot
 from .analyses import HEADLINE_RUN, Analyses, Analysis, default_analyses
 from .background import BackgroundSnapshotter
 from .delivery import Delivery, TrackerStats
 from .fast import FastLaneRunner
-from .outbox import DEFAULT_CAPACITY, Outbox
+from .outbox import Outbox
 from .publishing import Publisher, RunSummary, StepReport, console
 from .strategies import make_strategy
 
@@ -123,13 +123,14 @@ class SpectralTracker:
         distributed: bool | None = None,
         per_expert: bool = False,
         fast_every_n_steps: int | None = DEFAULT_FAST_EVERY_N_STEPS,
-        outbox_size: int = DEFAULT_CAPACITY,
-        publish_timeout_s: float = 30.0,
+        outbox_size: int = DEFAULT_OUTBOX_SIZE,
+        publish_timeout_s: float = DEFAULT_PUBLISH_TIMEOUT_S,
     ) -> None:
         options = check_options(every_n_steps=every_n_steps, metrics=metrics, series=series, heatmap=heatmap,
                                 include=include, exclude=exclude, roles=roles, method=method, history=history,
                                 attention=attention, device=device, threads=threads, background=background,
-                                distributed=distributed, fast_every_n_steps=fast_every_n_steps)
+                                distributed=distributed, fast_every_n_steps=fast_every_n_steps,
+                                outbox_size=outbox_size, publish_timeout_s=publish_timeout_s)
         include, exclude, roles = options.include, options.exclude, options.roles
         history, attention, threads = options.history, options.attention, options.threads
         self.every_n_steps = options.every_n_steps
@@ -145,10 +146,8 @@ class SpectralTracker:
             model, include=_as_list(include), exclude=_as_list(exclude), roles=roles)
         builtin = default_analyses(history, attention, model, self.series, self.heatmap_metrics)
         self.analyses = Analyses([*builtin, *analyses])
-        positive_int("outbox_size", outbox_size)
-        if not publish_timeout_s >= 0:
-            raise ValueError(f"publish_timeout_s must be a number of seconds >= 0, got {publish_timeout_s!r}")
-        self.delivery, self.publish_timeout_s = Delivery(publishers, outbox_size), float(publish_timeout_s)
+        self.delivery = Delivery(publishers, options.outbox_size)
+        self.publish_timeout_s = options.publish_timeout_s
         self.strategy = make_strategy(self.engine, self.model_map, threads, bool(background), distributed)
         self.counts = self.strategy.counts  # kept when the strategy hands over to its inline one
         self.background, self.ranks = self.strategy.background, self.strategy.ranks

@@ -183,6 +183,8 @@ def trainer_tensorboard_dir(tmp_path: Path) -> Path:
     ({"attention": {"sample": 1}}, r"attention: unknown attention_bounds option\(s\) \['sample'\]"),
     ({"device": "gpu0"}, "device='gpu0' is not a device"),
     ({"report_to": 3}, "report_to must be a name or a list of names"),
+    ({"outbox_size": 0}, "outbox_size must be an integer >= 1"),
+    ({"publish_timeout_s": True}, "publish_timeout_s must be a number of seconds >= 0"),
 ])
 def test_invalid_configuration_fails_at_construction(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -276,8 +278,11 @@ def test_tensorboard_and_mlflow_get_every_snapshot(tmp_path: Path, monkeypatch: 
     use_mlflow(monkeypatch, sqlite_uri, tmp_path, "hf-e2e")
     recorder, reference = RecordingPublisher(), ReferenceSnapshots()
     callback = SpectralCallback(every_n_steps=2, metrics=(*METRICS, "effective_rank"),
-                                heatmap=["effective_rank"], publishers=[recorder], fast_every_n_steps=None)
+                                heatmap=["effective_rank"], publishers=[recorder], fast_every_n_steps=None,
+                                outbox_size=50, publish_timeout_s=20.0)
     train(tmp_path, [callback, reference], report_to=["tensorboard", "mlflow"])
+    assert callback.tracker is not None and callback.tracker.publish_timeout_s == 20.0  # passed through
+    assert {outbox.capacity for outbox in callback.tracker.publishers} == {50}
 
     assert [r.step for r in recorder.reports] == [0, 2, 4, 6] and len(recorder.summaries) == 1
     assert callback.summary is recorder.summaries[0] and callback.summary.last.step == 6

@@ -153,6 +153,8 @@ def float32(series: Series) -> Series:
     ({"attention": {"sample": 1}}, r"attention: unknown attention_bounds option\(s\) \['sample'\]"),
     ({"background": "yes"}, "background must be True or False"),
     ({"distributed": "no"}, "distributed must be True, False or None"),
+    ({"outbox_size": 0}, "outbox_size must be an integer >= 1"),
+    ({"publish_timeout_s": -1.0}, "publish_timeout_s must be a number of seconds >= 0"),
 ])
 def test_invalid_configuration_fails_at_construction(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -188,10 +190,13 @@ def test_patterns_that_select_nothing_stop_the_fit_before_its_first_step(
 def test_a_string_is_one_name(tmp_path: Path, ids: torch.Tensor) -> None:
     recorder = RecordingPublisher()
     monitor = SpectralMonitor(every_n_steps=1, metrics="alpha", publish_heatmaps="alpha", include="*attn*",
-                              history=False, extra_publishers=[recorder])
+                              history=False, extra_publishers=[recorder], outbox_size=7,
+                              publish_timeout_s=3.5)
     fit = trainer(tmp_path, max_steps=2, logger=False, callbacks=[monitor])
     fit.fit(CharGPTModule(CONFIG), loader(ids, 2))
     assert [r.step for r in recorder.reports] == [0, 1, 2]
+    assert monitor.tracker is not None and monitor.tracker.publish_timeout_s == 3.5  # passed through
+    assert [outbox.capacity for outbox in monitor.tracker.publishers] == [7]
     report = recorder.reports[-1]
     assert report.metrics == ("alpha",) and report.heatmap_metrics == ("alpha",)
     assert report.snapshot.layers and all("attn" in layer.name for layer in report.snapshot.layers)

@@ -44,6 +44,10 @@ from tests.conftest import tiny_gpt2
     ({"background": "yes"}, r"background must be True or False, got 'yes'"),
     ({"distributed": 1}, r"distributed must be True, False or None, got 1"),
     ({"series": "some"}, r"series='some'; choose one of \['headline', 'all'\]"),
+    ({"outbox_size": 0}, r"outbox_size must be an integer >= 1, got 0"),
+    ({"publish_timeout_s": -1}, r"publish_timeout_s must be a number of seconds >= 0, got -1"),
+    ({"publish_timeout_s": "30"}, r"publish_timeout_s must be a number of seconds >= 0, got '30'"),
+    ({"publish_timeout_s": float("nan")}, r"publish_timeout_s must be a number of seconds >= 0, got nan"),
 ])
 def test_each_bad_option_is_refused_by_its_public_name(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
