@@ -45,6 +45,7 @@ class MapPanel:
         reversal_step: the step of the confirmed reversal, NaN if none.
         front_steps: the steps of ``front`` when they differ from ``steps`` (an alpha map, whose
             front comes from the fast lane's denser stable ranks); None: ``steps``.
+        stack: the stack of blocks (None: a single-stack model).
     """
 
     group: str
@@ -54,6 +55,12 @@ class MapPanel:
     front: np.ndarray
     reversal_step: float
     front_steps: np.ndarray | None = None
+    stack: str | None = None
+
+    @property
+    def label(self) -> str:
+        """The panel's title: ``qk``, or ``encoder qk`` in a model of several stacks."""
+        return self.group if self.stack is None else f"{self.stack} {self.group}"
 
 
 @dataclass(frozen=True, eq=False)
@@ -61,7 +68,8 @@ class LifecycleMap:
     """A metric over depth x step for each role group (see the module docs).
 
     Attributes:
-        metric: the metric name. step: the last step drawn. panels: one per role group with blocks.
+        metric: the metric name. step: the last step drawn. panels: one per role group with blocks
+            (per stack and group in a model of several stacks, stack by stack).
         title: a prefix for the figure title (a run name in comparisons), may be empty.
     """
 
@@ -73,6 +81,13 @@ class LifecycleMap:
     @property
     def label(self) -> str:
         return map_label(self.metric)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """(rows, columns) of the figure: one row per stack, one column per role group."""
+        stacks = list(dict.fromkeys(p.stack for p in self.panels)) or [None]
+        columns = max((sum(p.stack == s for p in self.panels) for s in stacks), default=1)
+        return len(stacks), max(columns, 1)
 
     def value_range(self) -> tuple[float, float]:
         """(min, max) of the finite values over every panel; (0, 1) when there are none."""
@@ -87,8 +102,9 @@ class LifecycleMap:
         with RENDER_LOCK:  # several publishers' threads ask at once: draw once, one at a time
             cache = self.__dict__.setdefault("_rgb", {})
             if (vmin, vmax) not in cache:
-                cache[(vmin, vmax)] = render_figure(lambda fig: draw_map(fig, self, vmin, vmax),
-                                                    figsize=(3.6 * max(len(self.panels), 1) + 1.2, 3.4))
+                rows, columns = self.grid
+            cache[(vmin, vmax)] = render_figure(lambda fig: draw_map(fig, self, vmin, vmax),
+                                                figsize=(3.6 * columns + 1.2, 3.4 * rows))
             return cache[(vmin, vmax)]
 
     def to_png(self) -> bytes:
@@ -107,16 +123,18 @@ def lifecycle_map(history: SpectralHistory, metric: str, groups: Sequence[str] =
     waves = waves if waves is not None and len(waves) else None
     source = waves if waves is not None and metric in waves.metrics else history
     panels = []
-    for group in groups:
-        wave = wave_trajectory(waves or history, group, config, full_speed=False, until=step)
-        if wave.depths.size == 0:
-            continue
-        profile = source.profile(metric, group, normalise=metric in NORMALISED)
-        kept = profile.steps <= step
-        reversal = float(wave.reversal.step) if wave.reversal.reversed else math.nan
-        front_steps = None if source is (waves or history) else wave.steps
-        panels.append(MapPanel(group, profile.steps[kept], profile.depths, profile.values[kept], wave.front,
-                               reversal, front_steps))
+    stacks = history.stacks
+    for stack in stacks:
+        for group in groups:
+            wave = wave_trajectory(waves or history, group, config, full_speed=False, stack=stack, until=step)
+            if wave.depths.size == 0:
+                continue
+            profile = source.profile(metric, group, normalise=metric in NORMALISED, stack=stack)
+            kept = profile.steps <= step
+            reversal = float(wave.reversal.step) if wave.reversal.reversed else math.nan
+            front_steps = None if source is (waves or history) else wave.steps
+            panels.append(MapPanel(group, profile.steps[kept], profile.depths, profile.values[kept],
+                                   wave.front, reversal, front_steps, stack if len(stacks) > 1 else None))
     return LifecycleMap(metric, step, tuple(panels), title)
 
 
@@ -134,8 +152,16 @@ def draw_map(fig, lifecycle: LifecycleMap, vmin: float, vmax: float, axes=None) 
     """Draw every panel of ``lifecycle`` on ``axes`` (default: a new row of subplots of ``fig``) and one
     colour bar for the row."""
     if axes is None:  # placed by hand: matplotlib's layout engines cost more than the drawing
-        fig.subplots_adjust(left=0.05, right=0.9, bottom=0.14, top=0.84, wspace=0.25)
-        axes = fig.subplots(1, max(len(lifecycle.panels), 1), squeeze=False)[0]
+        rows, columns = lifecycle.grid
+        fig.subplots_adjust(left=0.05, right=0.9, bottom=0.14 / rows, top=1 - 0.16 / rows, wspace=0.25,
+                            hspace=0.45)
+        grid = fig.subplots(rows, columns, squeeze=False)
+        stacks = list(dict.fromkeys(p.stack for p in lifecycle.panels))
+        placed: list = []
+        for panel in lifecycle.panels:  # row: the panel's stack; column: its place within the stack
+            row = stacks.index(panel.stack)
+            placed.append(grid[row][sum(p.stack == panel.stack for p in lifecycle.panels[:len(placed)])])
+        axes = placed + [ax for ax in grid.ravel() if all(ax is not q for q in placed)]
     mesh = None
     for ax, panel in zip(axes, lifecycle.panels):
         mesh = draw_map_panel(ax, panel, lifecycle.metric, vmin, vmax)
@@ -165,7 +191,7 @@ def draw_map_panel(ax, panel: MapPanel, metric: str, vmin: float, vmax: float): 
     if math.isfinite(panel.reversal_step):
         ax.axvline(panel.reversal_step, color="cyan", ls="--", lw=1.2,
                    label=f"reversal @ {panel.reversal_step:.0f}")
-    ax.set_title(panel.group, fontsize=9)
+    ax.set_title(panel.label, fontsize=9)
     ax.set_xlabel("step", fontsize=8)
     ax.set_ylabel("depth (block)", fontsize=8)
     ax.set_yticks(panel.depths)

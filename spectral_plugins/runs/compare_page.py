@@ -57,7 +57,8 @@ def draw_maps(comparison: Comparison, metric: str, path: Path) -> Path:
         axes = fig.subplots(len(maps), ncols, squeeze=False)
         mesh = None
         for row, lifecycle in zip(axes, maps):
-            panels = {p.group: p for p in lifecycle.panels}
+            first = lifecycle.panels[0].stack if lifecycle.panels else None  # the first stack's panels
+            panels = {p.group: p for p in lifecycle.panels if p.stack == first}
             for ax, group in zip(row, MAP_GROUPS):
                 if group in panels:
                     mesh = draw_map_panel(ax, panels[group], metric, vmin, vmax)
