@@ -238,7 +238,8 @@ def test_the_state_is_plain_json_and_rebuilds_the_callback() -> None:
     assert state["args"] == {"every_n_steps": 3, "metrics": ["alpha"], "series": "headline", "include": None,
                              "exclude": None, "roles": {"c_fc": "mlp_in"}, "method": "auto", "heatmap": True,
                              "history": True, "device": None, "threads": 1, "background": False,
-                             "per_expert": False, "fast_every_n_steps": 5, "report_to": None}
+                             "per_expert": False, "fast_every_n_steps": 5, "outbox_size": 100,
+                             "publish_timeout_s": 30.0, "report_to": None}
     assert state["attributes"] == {"tracker_state": None, "unsaved_options": ["publishers", "attention"]}
     rebuilt = SpectralCallback.from_state(state)  # what Trainer does with restore_callback_states_...=True
     assert rebuilt.options["every_n_steps"] == 3 and rebuilt.publishers == ()
