@@ -103,8 +103,8 @@ class LifecycleMap:
             cache = self.__dict__.setdefault("_rgb", {})
             if (vmin, vmax) not in cache:
                 rows, columns = self.grid
-            cache[(vmin, vmax)] = render_figure(lambda fig: draw_map(fig, self, vmin, vmax),
-                                                figsize=(3.6 * columns + 1.2, 3.4 * rows))
+                cache[(vmin, vmax)] = render_figure(lambda fig: draw_map(fig, self, vmin, vmax),
+                                                    figsize=(3.6 * columns + 1.2, 3.4 * rows))
             return cache[(vmin, vmax)]
 
     def to_png(self) -> bytes:

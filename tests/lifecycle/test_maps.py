@@ -44,6 +44,7 @@ def test_a_two_stack_model_gets_a_row_of_panels_per_stack() -> None:
     assert stable.grid == (2, 3)
     image = stable.to_rgb()  # 100 dpi: 3.4 in per row, 3.6 in per column + 1.2 in for the colour bar
     assert image.shape == (680, 1200, 3)
+    assert stable.to_rgb() is image  # drawn once, however many publishers ask
     assert lifecycle_map(history, "stable_rank", groups=("qk",)).grid == (2, 1)
 
 
