@@ -2,23 +2,27 @@
 
 One model trains; after every optimizer step the fast lane measures every matrix
 (:class:`~spectral_plugins.core.fast_lane.FastLane`, warm-started). Both are timed in the same loop,
-so the ratio ``lane / step`` is read on the same machine state. Reported per model: median step
-time, median lane time (after the cold first measurement, reported separately), their ratio, the
-products ``W W^T x`` per matrix, and the largest relative stable-rank error against a float64 SVD
-at the last step.
+so the ratio ``lane / step`` is read on the same machine state. The first ``--warmup`` steps (each
+with its lane measurement) are not timed, so that the table reports the steady state rather than
+the cold start of a randomly initialised model; the cold first measurement is reported apart, with
+its ratio to that first step. Reported per model: median step time and median lane time over the
+timed steps, the median of the per-step ratios, the cold first measurement, the mean products
+``W W^T x`` per matrix in the timed steps (and in the cold one), and the largest relative
+stable-rank error against a float64 SVD at the last step.
 
 Models: ``demo`` (the demo's character GPT, 4 blocks, d_model 128, batch 32 x 64 characters) and
 ``gpt2-small`` (a randomly initialised GPT-2 small, batch ``--gpt2-batch`` x ``--gpt2-seq`` random
 tokens). The fraction depends on the tokens per step: it falls as the batch grows, since training
 scales with tokens and the lane does not.
 
-Run: ``python benchmarks/bench_fast_lane.py [--models demo gpt2-small] [--steps N] [--write]``
+Run: ``python benchmarks/bench_fast_lane.py [--models demo gpt2-small] [--warmup N] [--steps N] [--write]``
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,14 +45,17 @@ class Row:
     tokens: int
     step_s: float
     lane_s: float
+    ratio: float  # median of the per-step ratios lane / step
     cold_s: float
+    cold_ratio: float  # the cold first measurement over its own (first) training step
+    cold_products: float
     products: float
     max_error: float
 
     def cells(self) -> list[str]:
         return [self.model, str(self.tokens), f"{self.step_s * 1e3:.1f}", f"{self.lane_s * 1e3:.2f}",
-                f"{100 * self.lane_s / self.step_s:.2f}%", f"{self.cold_s * 1e3:.1f}", f"{self.products:.1f}",
-                f"{self.max_error:.1e}"]
+                f"{100 * self.ratio:.2f}%", f"{self.products:.1f}", f"{self.cold_s * 1e3:.1f}",
+                f"{100 * self.cold_ratio:.1f}%", f"{self.cold_products:.1f}", f"{self.max_error:.1e}"]
 
 
 def demo_model(device: torch.device) -> tuple[nn.Module, Callable[[], torch.Tensor], int]:
@@ -82,14 +89,16 @@ def gpt2_small(device: torch.device, batch: int, seq: int
 
 
 def measure(name: str, model: nn.Module, loss: Callable[[], torch.Tensor], tokens: int, steps: int,
-            device: torch.device) -> Row:
+            device: torch.device, warmup: int = 0) -> Row:
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
     model_map = map_model(model)
     lane = FastLane(model_map)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    step_times, lane_times, products = [], [], []
-    cold = 0.0
-    for step in range(steps + 1):
+    step_times: list[float] = []
+    lane_times: list[float] = []
+    products: list[float] = []
+    cold = cold_ratio = cold_products = 0.0
+    for step in range(1 + warmup + steps):
         sync()
         started = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
@@ -101,8 +110,9 @@ def measure(name: str, model: nn.Module, loss: Callable[[], torch.Tensor], token
         sync()
         done = time.perf_counter()
         if step == 0:
-            cold = done - trained
-        else:
+            cold, cold_ratio = done - trained, (done - trained) / (trained - started)
+            cold_products = float(result.products.mean())
+        elif step > warmup:
             step_times.append(trained - started)
             lane_times.append(done - trained)
             products.append(float(result.products.mean()))
@@ -111,14 +121,17 @@ def measure(name: str, model: nn.Module, loss: Callable[[], torch.Tensor], token
         singular = torch.linalg.svdvals(ref.weight().double().cpu())
         exact.append(float(singular.square().sum() / singular[0] ** 2))
     error = max(abs(f - e) / e for f, e in zip(result.stable_rank, exact))
-    return Row(name, tokens, statistics.median(step_times), statistics.median(lane_times), cold,
-               statistics.mean(products), error)
+    ratios = [lane_s / step_s for lane_s, step_s in zip(lane_times, step_times)]
+    return Row(name, tokens, statistics.median(step_times), statistics.median(lane_times),
+               statistics.median(ratios), cold, cold_ratio, cold_products, statistics.mean(products), error)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["demo", "gpt2-small"], choices=("demo", "gpt2-small"))
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per model (after a cold one)")
+    parser.add_argument("--warmup", type=int, default=30,
+                        help="untimed steps, each with its lane measurement, after the cold one")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per model (after the warm-up)")
     parser.add_argument("--gpt2-batch", type=int, default=4)
     parser.add_argument("--gpt2-seq", type=int, default=256)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -132,13 +145,17 @@ def main() -> None:
     rows = []
     for name in args.models:
         built = demo_model(device) if name == "demo" else gpt2_small(device, args.gpt2_batch, args.gpt2_seq)
-        rows.append(measure(name, *built, steps=args.steps, device=device))
-    header = ["model", "tokens/step", "train step ms", "fast lane ms", "lane / step", "cold first ms",
-              "products/matrix", "max stable-rank error vs float64 SVD"]
+        rows.append(measure(name, *built, steps=args.steps, device=device, warmup=args.warmup))
+    header = ["model", "tokens/step", "train step ms", "fast lane ms", "lane / step", "products/matrix",
+              "cold first ms", "cold lane / step", "cold products/matrix",
+              "max stable-rank error vs float64 SVD"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row.cells()) + " |" for row in rows]
-    body = (f"Measured on {machine(device)}, device {device}, {args.steps} steps per model, torch threads "
-            f"{torch.get_num_threads()} (`python benchmarks/bench_fast_lane.py`):\n\n" + "\n".join(lines))
+    command = " ".join(["python benchmarks/bench_fast_lane.py", *sys.argv[1:]])
+    body = (f"Measured on {machine(device)}, device {device}, torch threads {torch.get_num_threads()}: per "
+            f"model one cold step, {args.warmup} untimed warm-up steps, then {args.steps} timed steps "
+            f"(medians; products per matrix: mean over the timed steps). Command: `{command}`\n\n"
+            + "\n".join(lines))
     print(body)
     if args.write:
         write_section(DOC, "fast-lane", body, "Fast lane: stable rank at every step")
