@@ -246,7 +246,8 @@ def _frobenius_sq(operands: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
     then their (pairwise) sum. A single float32 norm over a whole matrix would accumulate ~1e-3
     relative error on a 50k x 768 embedding; sums over rows stay within ~1e-5 even 50k long."""
     if isinstance(operands, torch.Tensor):
-        return torch.linalg.vector_norm(operands, dim=-1).square().sum(-1)
+        rows: torch.Tensor = torch.linalg.vector_norm(operands, dim=-1)
+        return rows.square().sum(-1)
     return torch.stack([torch.linalg.vector_norm(s, dim=-1).square().sum() for s in operands])
 
 

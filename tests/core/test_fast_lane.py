@@ -117,3 +117,26 @@ def test_shares_measured_apart_merge_into_the_map_order_and_a_missing_share_is_n
     lost = merge_measures(model_map, [measures[0], None, measures[2], measures[3]], step=4)
     missing = {ref.key for ref in matrices[1::3]}
     assert all(math.isnan(v) == (k in missing) for k, v in lost.values("stable_rank").items())
+
+
+def test_in_place_and_batched_products_agree_also_on_transposed_fused_and_float64_weights(gpt2_model):
+    import copy
+
+    model = copy.deepcopy(gpt2_model)  # the fixture is shared: scaled here
+    model_map = map_model(model)  # Conv1D weights stored (in, out), q/k/v as strided slices
+    in_place, batched = FastLane(model_map, batched=False), FastLane(model_map, batched=True)
+    for step in range(3):
+        with torch.no_grad():  # a small change between steps, as training makes
+            for param in model.parameters():
+                param.mul_(1 + 1e-3 * step)
+        a, b = in_place.measure(step), batched.measure(step)
+        assert np.allclose(a.stable_rank, b.stable_rank, rtol=1e-5, atol=0)
+        assert (a.products == b.products).all()
+        frobenius = np.array([float(torch.linalg.matrix_norm(ref.weight().double()))
+                              for ref in model_map.matrices])
+        assert np.abs(a.frobenius_norm / frobenius - 1).max() < 1e-6
+    assert relative_errors(a.values("stable_rank"), exact_stable_rank(model_map)).max() < 1e-3
+    # Weights of another dtype than the lane's are converted, not multiplied as they are.
+    wide = map_model(copy.deepcopy(gpt2_model).double())
+    measure = FastLane(wide, batched=False).measure(0)
+    assert relative_errors(measure.values("stable_rank"), exact_stable_rank(wide)).max() < 1e-3
