@@ -123,7 +123,8 @@ def _train(out: Path, max_steps: int, every_n_steps: int, batch_size: int, track
     sample = dataset[0][0][None]
     monitor = SpectralMonitor(every_n_steps=every_n_steps,
                               attention={"sample_batch": sample} if attention else False)
-    trainer = Trainer(accelerator="cpu", devices=1, max_steps=max_steps,
+    # One epoch holds exactly max_steps batches (the progress bar then reads "Epoch 0/0", not "0/-2").
+    trainer = Trainer(accelerator="cpu", devices=1, max_steps=max_steps, max_epochs=1,
                       logger=list(loggers.values()) or False, callbacks=[monitor],
                       enable_checkpointing=False, log_every_n_steps=5, enable_progress_bar=verbose,
                       enable_model_summary=verbose, default_root_dir=str(out))
