@@ -31,6 +31,7 @@ import math
 import platform
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,6 +143,19 @@ def train(depth: int, args: argparse.Namespace, train_ids: torch.Tensor, val: li
     model.eval()
     seconds = time.perf_counter() - started
     return TrainedRun(depth, args.seed, model, lifecycle, loss.item(), val_loss(model, val), seconds)
+
+
+def train_runs(args: argparse.Namespace, train_ids: torch.Tensor, val: list, out: Path
+               ) -> Iterator[tuple[int, int, TrainedRun]]:
+    """One run per depth and seed of ``args`` (depths ascending), each history saved to
+    ``out/history_L<depth>_s<seed>.json``; yields ``(depth, seed, run)`` as each finishes."""
+    for depth in sorted(args.depths):
+        for seed in args.seeds:
+            print(f"training L={depth} seed {seed} on {getattr(args, 'device', 'cpu')}", flush=True)
+            args.seed = seed
+            run = train(depth, args, train_ids, val)
+            run.lifecycle.history.to_json(out / f"history_L{depth}_s{seed}.json")
+            yield depth, seed, run
 
 
 def batch_losses(model: CharGPT, val: list) -> list[float]:
@@ -299,14 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     val = [next(val_iter) for _ in range(8)]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    runs = []
-    for depth in sorted(args.depths):
-        for seed in args.seeds:
-            print(f"training L={depth} seed {seed} on {args.device}", flush=True)
-            args.seed = seed
-            run = train(depth, args, ids[:split], val)
-            run.lifecycle.history.to_json(out / f"history_L{depth}_s{seed}.json")
-            runs.append(run)
+    runs = [run for _, _, run in train_runs(args, ids[:split], val, out)]
     comparison = compare_histories([(label(r), r.lifecycle.history) for r in runs])
     plot_comparison(comparison, out / "delta_alpha_vs_depth.png")
     deepest = runs[-1]

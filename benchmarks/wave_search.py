@@ -1,6 +1,6 @@
 """Does the compression front move with depth? A bounded search on the demo model (issue 16.4).
 
-Trains :class:`~spectral_plugins.demo.model.CharGPT` with :func:`benchmarks.reproduce_lifecycle.train`
+Trains :class:`~spectral_plugins.demo.model.CharGPT` with :func:`benchmarks.reproduce_lifecycle.train_runs`
 (same flags, same loop) for every depth and seed, and asks per run and group whether the blocks'
 arrival steps (:func:`spectral_plugins.lifecycle.wave.arrival_steps`: the step of each block's peak
 compression rate before the reversal) increase with depth: Spearman rho between block depth and
@@ -36,10 +36,10 @@ import torch
 from scipy.stats import spearmanr
 
 try:  # run as a script (benchmarks/ on sys.path) or imported as benchmarks.wave_search
-    from reproduce_lifecycle import ROOT, batches, fmt, train
+    from reproduce_lifecycle import ROOT, batches, fmt, train_runs
     from reproduce_lifecycle import parse_args as reproduce_args
 except ImportError:  # pragma: no cover - imported as a package module
-    from benchmarks.reproduce_lifecycle import ROOT, batches, fmt, train
+    from benchmarks.reproduce_lifecycle import ROOT, batches, fmt, train_runs
     from benchmarks.reproduce_lifecycle import parse_args as reproduce_args
 
 from spectral_plugins.demo.data import encode, stdlib_text
@@ -204,15 +204,10 @@ def main(argv: list[str] | None = None) -> int:
         split = int(0.9 * ids.numel())
         val_iter = batches(ids[split:], args.block_size, 32, 1)
         val = [next(val_iter) for _ in range(8)]
-        for depth in sorted(args.depths):
-            for seed in args.seeds:
-                print(f"training L={depth} seed {seed}", flush=True)
-                args.seed = seed
-                run = train(depth, args, ids[:split], val)
-                run.lifecycle.history.to_json(out / f"history_L{depth}_s{seed}.json")
-                seconds[f"L{depth}_s{seed}"] = run.seconds
-                timing.write_text(json.dumps(seconds, indent=1))
-                print(f"  {run.seconds:.0f} s, val loss {run.val_loss:.3f}", flush=True)
+        for depth, seed, run in train_runs(args, ids[:split], val, out):
+            seconds[f"L{depth}_s{seed}"] = run.seconds
+            timing.write_text(json.dumps(seconds, indent=1))
+            print(f"  {run.seconds:.0f} s, val loss {run.val_loss:.3f}", flush=True)
         (out / "machine.txt").write_text(machine_line(args.threads))
     results = [r for depth in sorted(args.depths) for seed in args.seeds
                for r in analyze(SpectralHistory.from_json(out / f"history_L{depth}_s{seed}.json"),
