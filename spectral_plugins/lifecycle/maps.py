@@ -118,15 +118,26 @@ def lifecycle_map(history: SpectralHistory, metric: str, groups: Sequence[str] =
     """The map of ``metric`` over every kept step of ``history`` (groups without blocks are left out).
     With ``waves`` (the fast lane's stable ranks, :attr:`SpectralLifecycle.waves`), the wave front
     and reversal come from it, and so does a stable-rank map: step resolution."""
+    return lifecycle_maps(history, (metric,), groups, config, title, waves)[metric]
+
+
+def lifecycle_maps(history: SpectralHistory, metrics: Sequence[str], groups: Sequence[str] = MAP_GROUPS,
+                   config: LifecycleConfig | None = None, title: str = "",
+                   waves: SpectralHistory | None = None) -> dict[str, LifecycleMap]:
+    """:func:`lifecycle_map` of each of ``metrics``, the wave of each stack and group computed once
+    for all of them."""
     config = config or LifecycleConfig()
     step = int(history.steps[-1]) if len(history) else 0
     waves = waves if waves is not None and len(waves) else None
-    source = waves if waves is not None and metric in waves.metrics else history
-    panels = []
     stacks = history.stacks
-    for stack in stacks:
-        for group in groups:
-            wave = wave_trajectory(waves or history, group, config, full_speed=False, stack=stack, until=step)
+    trajectories = [(stack, group, wave_trajectory(waves or history, group, config, full_speed=False,
+                                                   stack=stack, until=step))
+                    for stack in stacks for group in groups]
+    maps = {}
+    for metric in metrics:
+        source = waves if waves is not None and metric in waves.metrics else history
+        panels = []
+        for stack, group, wave in trajectories:
             if wave.depths.size == 0:
                 continue
             profile = source.profile(metric, group, normalise=metric in NORMALISED, stack=stack)
@@ -135,7 +146,8 @@ def lifecycle_map(history: SpectralHistory, metric: str, groups: Sequence[str] =
             front_steps = None if source is (waves or history) else wave.steps
             panels.append(MapPanel(group, profile.steps[kept], profile.depths, profile.values[kept],
                                    wave.front, reversal, front_steps, stack if len(stacks) > 1 else None))
-    return LifecycleMap(metric, step, tuple(panels), title)
+        maps[metric] = LifecycleMap(metric, step, tuple(panels), title)
+    return maps
 
 
 def value_range(maps: Sequence[LifecycleMap]) -> tuple[float, float]:
@@ -156,12 +168,14 @@ def draw_map(fig, lifecycle: LifecycleMap, vmin: float, vmax: float, axes=None) 
         fig.subplots_adjust(left=0.05, right=0.9, bottom=0.14 / rows, top=1 - 0.16 / rows, wspace=0.25,
                             hspace=0.45)
         grid = fig.subplots(rows, columns, squeeze=False)
-        stacks = list(dict.fromkeys(p.stack for p in lifecycle.panels))
+        rows_of = {stack: row for row, stack in enumerate(dict.fromkeys(p.stack for p in lifecycle.panels))}
+        used = [0] * rows
         placed: list = []
-        for panel in lifecycle.panels:  # row: the panel's stack; column: its place within the stack
-            row = stacks.index(panel.stack)
-            placed.append(grid[row][sum(p.stack == panel.stack for p in lifecycle.panels[:len(placed)])])
-        axes = placed + [ax for ax in grid.ravel() if all(ax is not q for q in placed)]
+        for panel in lifecycle.panels:  # row: the panel's stack; column: the next free one in that row
+            row = rows_of[panel.stack]
+            placed.append(grid[row][used[row]])
+            used[row] += 1
+        axes = placed + [ax for row in range(rows) for ax in grid[row][used[row]:]]
     mesh = None
     for ax, panel in zip(axes, lifecycle.panels):
         mesh = draw_map_panel(ax, panel, lifecycle.metric, vmin, vmax)

@@ -143,12 +143,12 @@ class LifecycleAnalysis:
         return self.lifecycle.history
 
     def update(self, snapshot: Snapshot, model_map: ModelMap) -> AnalysisOutput:
-        from ..lifecycle.maps import lifecycle_map
+        from ..lifecycle.maps import lifecycle_maps
 
         scalars = self._headline(self.lifecycle.update(snapshot).scalars())
         history, config, waves = self.lifecycle.history, self.lifecycle.config, self.lifecycle.waves
-        maps = {map_key(metric): lifecycle_map(history, metric, config=config, waves=waves)
-                for metric in self.map_metrics}
+        maps = {map_key(metric): figure for metric, figure
+                in lifecycle_maps(history, self.map_metrics, config=config, waves=waves).items()}
         return AnalysisOutput(scalars=scalars, images=maps)
 
     def update_fast(self, snapshot: Snapshot, model_map: ModelMap) -> AnalysisOutput:
