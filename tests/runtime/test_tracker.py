@@ -348,6 +348,7 @@ def test_by_default_a_run_publishes_a_short_readable_list(model: CharGPT) -> Non
     recorder = RecordingPublisher()
     tracker = SpectralTracker(model, every_n_steps=2, publishers=[recorder])
     train(model, tracker, range(6))
+    tracker.flush()  # publishing is asynchronous: wait until the recorder has taken every report
     report = recorder.reports[-1]
     assert report.metrics == DEFAULT_SERIES_METRICS == ("alpha", "stable_rank")
     lifecycle = {k for k in report.scalars() if k.startswith("spectral_lifecycle/")}
@@ -371,6 +372,7 @@ def test_by_default_a_run_publishes_a_short_readable_list(model: CharGPT) -> Non
     full = SpectralTracker(model, every_n_steps=2, publishers=[everything], metrics="all", series="all")
     full.step(8)
     full.step(10)
+    full.flush()
     keys = set(everything.reports[-1].scalars())
     assert {k.split("/")[0] for k in keys} >= {"spectral_spectral_norm", "spectral_effective_rank"}
     assert {k for k in keys if k.startswith("spectral_lifecycle/")} > set(HEADLINE_LIFECYCLE) & keys
