@@ -15,7 +15,12 @@ Models: ``demo`` (the demo's character GPT, 4 blocks, d_model 128, batch 32 x 64
 tokens). The fraction depends on the tokens per step: it falls as the batch grows, since training
 scales with tokens and the lane does not.
 
-Run: ``python benchmarks/bench_fast_lane.py [--models demo gpt2-small] [--warmup N] [--steps N] [--write]``
+With ``--gpt2-large-batch B`` GPT-2 small trains on after its timed steps for ``--large-steps`` more
+at ``B`` sequences per step, timed as a second row: the lane's cost depends on the weights, not on
+the batch, so that row needs no warm-up of its own.
+
+Run: ``python benchmarks/bench_fast_lane.py [--models demo gpt2-small] [--warmup N] [--steps N]
+[--gpt2-large-batch B] [--write]``
 """
 
 from __future__ import annotations
@@ -76,54 +81,69 @@ def demo_model(device: torch.device) -> tuple[nn.Module, Callable[[], torch.Tens
 
 
 def gpt2_small(device: torch.device, batch: int, seq: int
-               ) -> tuple[nn.Module, Callable[[], torch.Tensor], int]:
+               ) -> tuple[nn.Module, Callable[[int], Callable[[], torch.Tensor]], int]:
+    """GPT-2 small and a maker of its loss at a given batch (the tokens per step of a timed phase)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     model = GPT2LMHeadModel(GPT2Config()).to(device)
 
-    def loss() -> torch.Tensor:
-        ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=device)
-        return model(input_ids=ids, labels=ids).loss
+    def loss_at(rows: int) -> Callable[[], torch.Tensor]:
+        def loss() -> torch.Tensor:
+            ids = torch.randint(0, model.config.vocab_size, (rows, seq), device=device)
+            return model(input_ids=ids, labels=ids).loss
+        return loss
 
-    return model, loss, batch * seq
+    return model, loss_at, batch * seq
 
 
 def measure(name: str, model: nn.Module, loss: Callable[[], torch.Tensor], tokens: int, steps: int,
-            device: torch.device, warmup: int = 0) -> Row:
+            device: torch.device, warmup: int = 0,
+            later: tuple[tuple[Callable[[], torch.Tensor], int, int], ...] = ()) -> list[Row]:
+    """One row for the timed steps after the warm-up and one per ``later`` phase ``(loss, tokens,
+    steps)``: the same model and lane trained on, timed at another batch. The lane's cost depends on
+    the weights, not on the batch, so a large batch needs no warm-up of its own."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
     model_map = map_model(model)
     lane = FastLane(model_map)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    step_times: list[float] = []
-    lane_times: list[float] = []
-    products: list[float] = []
+    phases = [(loss, tokens, 1 + warmup + steps), *later]
+    timed: list[tuple[list[float], list[float], list[float]]] = []
     cold = cold_ratio = cold_products = 0.0
-    for step in range(1 + warmup + steps):
-        sync()
-        started = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        loss().backward()
-        optimizer.step()
-        sync()
-        trained = time.perf_counter()
-        result = lane.measure(step)
-        sync()
-        done = time.perf_counter()
-        if step == 0:
-            cold, cold_ratio = done - trained, (done - trained) / (trained - started)
-            cold_products = float(result.products.mean())
-        elif step > warmup:
-            step_times.append(trained - started)
-            lane_times.append(done - trained)
-            products.append(float(result.products.mean()))
+    for phase, (phase_loss, _, phase_steps) in enumerate(phases):
+        step_times: list[float] = []
+        lane_times: list[float] = []
+        products: list[float] = []
+        for step in range(phase_steps):
+            sync()
+            started = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            phase_loss().backward()
+            optimizer.step()
+            sync()
+            trained = time.perf_counter()
+            result = lane.measure(step)
+            sync()
+            done = time.perf_counter()
+            if phase == 0 and step == 0:
+                cold, cold_ratio = done - trained, (done - trained) / (trained - started)
+                cold_products = float(result.products.mean())
+            elif phase > 0 or step > warmup:
+                step_times.append(trained - started)
+                lane_times.append(done - trained)
+                products.append(float(result.products.mean()))
+        timed.append((step_times, lane_times, products))
     exact = []
     for ref in model_map.matrices:
         singular = torch.linalg.svdvals(ref.weight().double().cpu())
         exact.append(float(singular.square().sum() / singular[0] ** 2))
     error = max(abs(f - e) / e for f, e in zip(result.stable_rank, exact))
-    ratios = [lane_s / step_s for lane_s, step_s in zip(lane_times, step_times)]
-    return Row(name, tokens, statistics.median(step_times), statistics.median(lane_times),
-               statistics.median(ratios), cold, cold_ratio, cold_products, statistics.mean(products), error)
+    rows = []
+    for (_, phase_tokens, _), (step_times, lane_times, products) in zip(phases, timed):
+        ratios = [lane_s / step_s for lane_s, step_s in zip(lane_times, step_times)]
+        rows.append(Row(name, phase_tokens, statistics.median(step_times), statistics.median(lane_times),
+                        statistics.median(ratios), cold, cold_ratio, cold_products,
+                        statistics.mean(products), error))
+    return rows
 
 
 def main() -> None:
@@ -134,6 +154,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed steps per model (after the warm-up)")
     parser.add_argument("--gpt2-batch", type=int, default=4)
     parser.add_argument("--gpt2-seq", type=int, default=256)
+    parser.add_argument("--gpt2-large-batch", type=int, default=0,
+                        help="then time --large-steps more GPT-2 steps at this batch (0: none)")
+    parser.add_argument("--large-steps", type=int, default=4)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--write", action="store_true", help="store the table in docs/performance.md")
@@ -144,8 +167,14 @@ def main() -> None:
     torch.manual_seed(0)
     rows = []
     for name in args.models:
-        built = demo_model(device) if name == "demo" else gpt2_small(device, args.gpt2_batch, args.gpt2_seq)
-        rows.append(measure(name, *built, steps=args.steps, device=device, warmup=args.warmup))
+        if name == "demo":
+            rows += measure(name, *demo_model(device), steps=args.steps, device=device, warmup=args.warmup)
+            continue
+        model, loss_at, tokens = gpt2_small(device, args.gpt2_batch, args.gpt2_seq)
+        later = ((loss_at(args.gpt2_large_batch), args.gpt2_large_batch * args.gpt2_seq, args.large_steps),
+                 ) if args.gpt2_large_batch else ()
+        rows += measure(name, model, loss_at(args.gpt2_batch), tokens, steps=args.steps, device=device,
+                        warmup=args.warmup, later=later)
     header = ["model", "tokens/step", "train step ms", "fast lane ms", "lane / step", "products/matrix",
               "cold first ms", "cold lane / step", "cold products/matrix",
               "max stable-rank error vs float64 SVD"]
@@ -154,7 +183,10 @@ def main() -> None:
     command = " ".join(["python benchmarks/bench_fast_lane.py", *sys.argv[1:]])
     body = (f"Measured on {machine(device)}, device {device}, torch threads {torch.get_num_threads()}: per "
             f"model one cold step, {args.warmup} untimed warm-up steps, then {args.steps} timed steps "
-            f"(medians; products per matrix: mean over the timed steps). Command: `{command}`\n\n"
+            + (f"and, for GPT-2 small, {args.large_steps} more at {args.gpt2_large_batch * args.gpt2_seq} "
+               "tokens per step " if args.gpt2_large_batch else "")
+            + "(medians; products per matrix: mean over the timed steps; the error is at the last step). "
+            f"Command: `{command}`\n\n"
             + "\n".join(lines))
     print(body)
     if args.write:

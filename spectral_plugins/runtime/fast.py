@@ -6,7 +6,9 @@ stable rank (and the spectral and Frobenius norms, when the run publishes them) 
 :class:`~spectral_plugins.runtime.publishing.StepReport` (``full=False``) under the same keys as the
 full snapshots, so each per-matrix series simply gains points. At each full snapshot the lane is
 measured too, unpublished, and the largest relative disagreement with the exact values is published
-as ``spectral_fast/max_rel_error`` (:data:`HONESTY_KEY`).
+as ``spectral_fast/max_rel_error`` (:data:`HONESTY_KEY`); a matrix whose fast value is below the exact
+top singular value by more than the lane's tolerance restarts from a random vector (its warm start
+followed an eigenvector that is no longer the top; counted in ``restarted``).
 
 The lane runs on the training thread in every mode (it costs a few matrix-vector products per
 matrix). Under torch.distributed (a tracker on every rank, replicated weights as under DDP) each
@@ -26,7 +28,7 @@ from dataclasses import replace
 
 import torch.distributed as dist
 
-from ..core.fast_lane import FAST_METRICS, FastLane, FastMeasure, fast_lane_error, merge_measures
+from ..core.fast_lane import FAST_METRICS, FastLane, FastMeasure, fast_lane_error, merge_measures, off_top
 from ..core.model_map import ModelMap
 from ..core.snapshot import Snapshot
 from .distributed import assign_ranks
@@ -59,6 +61,7 @@ class FastLaneRunner:
         self.ranks, self.rank = 1, 0
         self.measured = 0
         self.failed = 0
+        self.restarted = 0  # warm starts forgotten after a full snapshot showed them off the top
         self.last_step: int | None = None
         self.last_error = math.nan
         self._checks: dict[int, FastMeasure] = {}  # unpublished measures at full-snapshot steps
@@ -109,6 +112,13 @@ class FastLaneRunner:
             del self._checks[step]  # skipped full snapshots (background mode) never come
         if measure is None:
             return {}
+        if self.lane is not None:  # repair: matrices that lost the top restart from a random vector
+            stuck = off_top(measure, snapshot, self.lane.tol)
+            restarted = self.lane.restart(stuck)  # under torch.distributed: rank 0's share only
+            if restarted:
+                self.restarted += restarted
+                log.info("fast lane at step %s: %s below the exact top singular value; restarted %d "
+                         "from a random vector", snapshot.step, ", ".join(stuck[:5]), restarted)
         errors = [fast_lane_error(measure, snapshot, metric) for metric in self.metrics]
         finite = [e for e in errors if math.isfinite(e)]
         if not finite:

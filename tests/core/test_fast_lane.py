@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import pytest
@@ -130,8 +131,11 @@ def test_in_place_and_batched_products_agree_also_on_transposed_fused_and_float6
             for param in model.parameters():
                 param.mul_(1 + 1e-3 * step)
         a, b = in_place.measure(step), batched.measure(step)
-        assert np.allclose(a.stable_rank, b.stable_rank, rtol=1e-5, atol=0)
-        assert (a.products == b.products).all()
+        # In place each matrix stops on its own; a batched group stops together, on its slowest.
+        assert (a.products <= b.products).all()
+        assert step > 0 or (a.products < b.products).any()  # cold, the groups' spread shows
+        assert np.allclose(a.stable_rank, b.stable_rank, rtol=1e-4, atol=0)
+        assert (a.residual <= in_place.tol).all() and (b.residual <= batched.tol).all()
         frobenius = np.array([float(torch.linalg.matrix_norm(ref.weight().double()))
                               for ref in model_map.matrices])
         assert np.abs(a.frobenius_norm / frobenius - 1).max() < 1e-6
@@ -140,3 +144,46 @@ def test_in_place_and_batched_products_agree_also_on_transposed_fused_and_float6
     wide = map_model(copy.deepcopy(gpt2_model).double())
     measure = FastLane(wide, batched=False).measure(0)
     assert relative_errors(measure.values("stable_rank"), exact_stable_rank(wide)).max() < 1e-3
+
+
+def crossing_model(new_top: float = 1.05, n: int = 64) -> tuple[torch.nn.Module, Any]:
+    """One n x n matrix with known singular values: ``1.0`` on top and, from ``t = 5`` on, a new
+    direction at ``new_top`` that was 0.3 before (a singular value jumping past the top, as a
+    rank-one update does). Returns the model and ``set_weights(t) -> the top singular value``."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(n, n, bias=False))
+    u, _ = torch.linalg.qr(torch.randn(n, n))
+    v, _ = torch.linalg.qr(torch.randn(n, n))
+
+    def set_weights(t: int) -> float:
+        singular = torch.linspace(0.6, 0.1, n)
+        singular[0], singular[1] = 1.0, 0.3 if t < 5 else new_top
+        with torch.no_grad():
+            model[0].weight.copy_(u @ torch.diag(singular) @ v.T)
+        return float(singular.max())
+
+    return model, set_weights
+
+
+def test_a_warm_start_left_below_a_new_top_is_found_by_the_check_and_restarted():
+    from spectral_plugins.core.fast_lane import off_top
+
+    model, set_weights = crossing_model()
+    model_map = map_model(model, roles={"0": "mlp_in"})
+    lane = FastLane(model_map)
+    for t in range(5):  # the warm vector converges onto the top direction; the other one fades out
+        set_weights(t)
+        assert abs(lane.measure(t).spectral_norm[0] - 1.0) < 1e-3
+    top = set_weights(5)
+    stuck = lane.measure(5)
+    # Its residual is tiny (the warm vector is an eigenvector), so the lane alone cannot tell...
+    assert stuck.residual[0] < lane.tol and abs(stuck.spectral_norm[0] - 1.0) < 1e-3 < top - 1.0
+    assert abs(lane.measure(5).spectral_norm[0] - 1.0) < 1e-3  # and stays there, step after step
+    # ...but a full snapshot of the same weights can, and a random start finds the new top.
+    snapshot = SpectralEngine().analyze(model_map, step=5)
+    assert off_top(stuck, snapshot, lane.tol) == [model_map.matrices[0].key]
+    assert lane.restart(off_top(stuck, snapshot, lane.tol)) == 1
+    assert lane.restart(["not-a-key"]) == 0
+    again = lane.measure(5)
+    assert abs(again.spectral_norm[0] - top) / top < 1e-3
+    assert off_top(again, snapshot, lane.tol) == []

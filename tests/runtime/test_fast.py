@@ -89,6 +89,27 @@ def test_fast_steps_are_scalars_only_and_full_steps_check_the_lane():
     assert tracker.config()["fast_every_n_steps"] == 2
 
 
+def test_a_full_snapshot_that_finds_the_lane_off_the_top_restarts_it():
+    from tests.core.test_fast_lane import crossing_model
+
+    model, set_weights = crossing_model(new_top=1.05)
+    recorder = RecordingPublisher()
+    tracker = SpectralTracker(model, every_n_steps=5, fast_every_n_steps=1, roles={"0": "mlp_in"},
+                              metrics=["stable_rank", "spectral_norm"], publishers=[recorder])
+    key = matrix_key("spectral_norm", tracker.model_map.matrices[0].key)
+    for step in range(9):
+        top = set_weights(step)
+        tracker.step(step)
+        tracker.flush()
+        reports = {r.step: r for r in recorder.reports + recorder.fast_reports}
+        if step == 5:  # the warm start stayed on the old top: the check shows it and restarts the lane
+            assert reports[5].extra_scalars[HONESTY_KEY] > 0.05 and tracker.fast.restarted == 1
+        else:
+            assert abs(reports[step].scalars()[key] - top) / top < 1e-3
+    assert tracker.fast.restarted == 1
+    tracker.finish()
+
+
 def test_fast_steps_carry_the_stable_rank_lifecycle_signals_from_the_lanes_own_values():
     torch.manual_seed(0)
     model = CharGPT(CONFIG)
