@@ -10,14 +10,14 @@ training.
 
 How it runs:
 
-- Matrices of equal shape form a group. On an accelerator (``batched=True``, the default there)
-  the group's weights are copied into one reused buffer (a fused copy, no allocation after the first
-  step, in the weights' own memory layout) and iterated together: batched products, batched
-  bookkeeping. On CPU (``batched=False``, the default there) each matrix is iterated on its own,
-  where it lies (a view of the parameter): the products are bound by memory bandwidth, so a copy
-  would cost about as much as one product; the Frobenius norm and all the matrix's products come one
-  after the other, so that the products after the first pass read it from the cache where it fits;
-  the tiny bookkeeping runs in NumPy.
+- Matrices of equal shape form a group. On an accelerator (``batched=True``, the default there),
+  and on CPU for matrices under :data:`SMALL_MATRIX` elements, the group's weights are copied into
+  one reused buffer (a fused copy, no allocation after the first step, in the weights' own memory
+  layout) and iterated together: batched products, batched bookkeeping. Larger matrices on CPU
+  (``batched=False``) are iterated one by one where they lie (views of the parameters): the products
+  are bound by memory bandwidth, so a copy would cost about as much as one product; a matrix's
+  Frobenius norm and all its products come one after the other, so that the products after the
+  first pass read it from the cache where it fits; the tiny bookkeeping runs in NumPy.
 - Lanczos with full re-orthogonalisation runs from the stored vector and restarts from the top
   Ritz vector every ``q_max`` steps. The Ritz value never exceeds ``lambda_max`` and never
   decreases.
@@ -38,8 +38,8 @@ How it runs:
   rises past the top, the old top vector is still an eigenvector, its residual is small, and the
   check cannot tell. A full snapshot can: at every full snapshot the tracker finds the matrices
   whose fast value is below the exact one (:func:`off_top`) and restarts them from a random vector
-  (:meth:`FastLane.restart`), which has a component along every direction. (At ``tol`` 3e-3 with a check after
-  every product this happened on GPT-2 small within 10 steps, 6.5e-2 off.)
+  (:meth:`FastLane.restart`), which has a component along every direction. (At ``tol`` 3e-3 with a
+  check after every product this happened on GPT-2 small within 10 steps, 6.5e-2 off.)
 - The relative residual of each matrix is reported with its value, and a full snapshot can be
   compared with the fast values (:func:`fast_lane_error`), so a user sees how honest the lane is.
 
@@ -148,8 +148,8 @@ class FastLane:
         seed: seed of the random start vectors.
         batched: copy each group of equal-shape matrices into one buffer and iterate it with batched
             products (fewer kernel launches), instead of iterating every weight in place on its own.
-            Default (None): batched on accelerators, in place on CPU (where the copy costs about one
-            product).
+            Default (None): batched on accelerators and for matrices under :data:`SMALL_MATRIX`
+            elements, in place otherwise on CPU (where the copy costs about one product).
     """
 
     def __init__(
