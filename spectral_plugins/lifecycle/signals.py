@@ -249,9 +249,7 @@ def wave_state(waves: SpectralHistory, config: LifecycleConfig = LifecycleConfig
         for name in config.groups:
             p = waves.profile("stable_rank", name, normalise=True, stack=stack, last=window)
             front = wave.wave_front(p.steps, p.depths, p.values, config.lag, config.rate_floor)
-            recent = np.flatnonzero(np.isfinite(front))[-config.speed_window:]
-            defined = math.isfinite(_last(front))
-            speed = wave.front_speed(p.steps[recent], front[recent]) if defined else math.nan
+            speed = _last(wave.trailing_speed(p.steps, front, config.speed_window))
             last_nsr = p.values[-1] if p.values.size else np.array([])
             order = _last(wave.compression_order(p.depths, p.values[-1:]))
             groups.append(GroupState(name, _last(front), speed, _nanmean(last_nsr), order, None, math.nan,
