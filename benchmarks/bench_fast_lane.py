@@ -32,11 +32,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
 from spectral_plugins import map_model
 from spectral_plugins.core.fast_lane import FastLane
+from spectral_plugins.core.model_map import ModelMap
 
 try:  # run as a script (benchmarks/ on sys.path) or imported as benchmarks.bench_fast_lane
     from common import DOC, machine, write_section
@@ -96,6 +98,15 @@ def gpt2_small(device: torch.device, batch: int, seq: int
     return model, loss_at, batch * seq
 
 
+def exact_stable_ranks(model_map: ModelMap) -> np.ndarray:
+    """Stable rank of every matrix from a float64 SVD (the reference), in map order."""
+    out = []
+    for ref in model_map.matrices:
+        singular = torch.linalg.svdvals(ref.weight().double().cpu())
+        out.append(float(singular.square().sum() / singular[0] ** 2))
+    return np.array(out)
+
+
 def measure(name: str, model: nn.Module, loss: Callable[[], torch.Tensor], tokens: int, steps: int,
             device: torch.device, warmup: int = 0,
             later: tuple[tuple[Callable[[], torch.Tensor], int, int], ...] = ()) -> list[Row]:
@@ -132,11 +143,7 @@ def measure(name: str, model: nn.Module, loss: Callable[[], torch.Tensor], token
                 lane_times.append(done - trained)
                 products.append(float(result.products.mean()))
         timed.append((step_times, lane_times, products))
-    exact = []
-    for ref in model_map.matrices:
-        singular = torch.linalg.svdvals(ref.weight().double().cpu())
-        exact.append(float(singular.square().sum() / singular[0] ** 2))
-    error = max(abs(f - e) / e for f, e in zip(result.stable_rank, exact))
+    error = max(abs(f - e) / e for f, e in zip(result.stable_rank, exact_stable_ranks(model_map)))
     rows = []
     for (_, phase_tokens, _), (step_times, lane_times, products) in zip(phases, timed):
         ratios = [lane_s / step_s for lane_s, step_s in zip(lane_times, step_times)]

@@ -32,12 +32,11 @@ import torch
 
 from spectral_plugins import map_model
 from spectral_plugins.core.fast_lane import FastLane
-from spectral_plugins.core.model_map import ModelMap
 
 try:  # run as a script (benchmarks/ on sys.path) or imported as benchmarks.fast_lane_versions
-    from bench_fast_lane import demo_model, gpt2_small
+    from bench_fast_lane import demo_model, exact_stable_ranks, gpt2_small
 except ImportError:  # pragma: no cover
-    from benchmarks.bench_fast_lane import demo_model, gpt2_small
+    from benchmarks.bench_fast_lane import demo_model, exact_stable_ranks, gpt2_small
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,15 +54,6 @@ def load_previous(revision: str) -> ModuleType:
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
-
-
-def exact_stable_ranks(model_map: ModelMap) -> np.ndarray:
-    """Stable rank of every matrix from a float64 SVD (the reference), in map order."""
-    out = []
-    for ref in model_map.matrices:
-        singular = torch.linalg.svdvals(ref.weight().double())
-        out.append(float(singular.square().sum() / singular[0] ** 2))
-    return np.array(out)
 
 
 def main() -> None:
